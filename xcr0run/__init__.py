@@ -1,0 +1,3 @@
+"""xcr0run: run a program under a chosen subset of x86 XSAVE state components."""
+
+__version__ = "0.1.0"

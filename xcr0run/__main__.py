@@ -1,0 +1,3 @@
+from xcr0run.cli import main
+
+main()

@@ -1,0 +1,397 @@
+"""Every foreign call xcr0run makes: syscalls, ptrace, seccomp, and in-process
+`cpuid`/`xgetbv`. Nothing else in the package imports ctypes.
+
+Each wrapper is a few lines and goes through `_check`, which raises NativeError
+carrying the errno, the call and the pid. Constants and structures keep the kernel's
+names and cite the header they mirror. x86-64 Linux only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno as _errno
+import os
+import struct
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+# <asm/unistd_64.h>
+SYS_prctl = 157
+SYS_arch_prctl = 158
+SYS_seccomp = 317
+
+# <asm/prctl.h>
+ARCH_GET_CPUID = 0x1011
+ARCH_SET_CPUID = 0x1012
+ARCH_GET_XCOMP_SUPP = 0x1021
+ARCH_GET_XCOMP_PERM = 0x1022
+ARCH_REQ_XCOMP_PERM = 0x1023
+ARCH_GET_XCOMP_GUEST_PERM = 0x1024
+# The 2020 ARCH_SET_XCR0 patch (never merged) used 0x1021; callers pass the code.
+ARCH_SET_XCR0_PATCH_CODE = 0x1021
+
+# <linux/ptrace.h>
+PTRACE_TRACEME = 0
+PTRACE_PEEKTEXT = 1
+PTRACE_POKETEXT = 4
+PTRACE_CONT = 7
+PTRACE_KILL = 8
+PTRACE_SINGLESTEP = 9
+PTRACE_GETREGS = 12
+PTRACE_SETREGS = 13
+PTRACE_ATTACH = 16
+PTRACE_DETACH = 17
+PTRACE_SYSCALL = 24
+PTRACE_SETOPTIONS = 0x4200
+PTRACE_GETEVENTMSG = 0x4201
+PTRACE_GETSIGINFO = 0x4202
+PTRACE_GETREGSET = 0x4204
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
+PTRACE_LISTEN = 0x4208
+
+PTRACE_O_TRACESYSGOOD = 0x01
+PTRACE_O_TRACEFORK = 0x02
+PTRACE_O_TRACEVFORK = 0x04
+PTRACE_O_TRACECLONE = 0x08
+PTRACE_O_TRACEEXEC = 0x10
+PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_EXITKILL = 0x100000
+
+PTRACE_EVENT_FORK = 1
+PTRACE_EVENT_VFORK = 2
+PTRACE_EVENT_CLONE = 3
+PTRACE_EVENT_EXEC = 4
+PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_STOP = 128
+
+# <elf.h>
+NT_X86_XSTATE = 0x202
+
+# <linux/wait.h>
+WALL = 0x40000000
+
+# <asm-generic/siginfo.h>
+SI_KERNEL = 0x80
+SI_USER = 0
+
+# <linux/prctl.h>, <linux/seccomp.h>, <linux/audit.h>, <linux/filter.h>
+PR_SET_NO_NEW_PRIVS = 38
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_RET_ALLOW = 0x7FFF0000
+SECCOMP_RET_ERRNO = 0x00050000
+AUDIT_ARCH_X86_64 = 0xC000003E
+X32_SYSCALL_BIT = 0x40000000
+
+
+class NativeError(OSError):
+    """A failed system call: errno, the call's name and the pid it was about."""
+
+    def __init__(self, err: int, call: str, pid: int | None = None) -> None:
+        where = f" (pid {pid})" if pid is not None else ""
+        super().__init__(err, f"{call}{where}: {os.strerror(err)}")
+        self.call = call
+        self.pid = pid
+
+
+def _check(result: int, call: str, pid: int | None = None) -> int:
+    if result == -1:
+        raise NativeError(ctypes.get_errno(), call, pid)
+    return result
+
+
+# -- structures --------------------------------------------------------------------------
+
+
+_USER_REGS = (
+    "r15 r14 r13 r12 rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax "
+    "rip cs eflags rsp ss fs_base gs_base ds es fs gs"
+)
+
+
+class UserRegs(ctypes.Structure):
+    """struct user_regs_struct, <sys/user.h> (x86-64)."""
+
+    _fields_ = [(name, ctypes.c_uint64) for name in _USER_REGS.split()]
+
+
+class SigInfo(ctypes.Structure):
+    """The head of siginfo_t, <asm-generic/siginfo.h>: enough for SIGSEGV and kill()."""
+
+    _fields_ = [
+        ("si_signo", ctypes.c_int),
+        ("si_errno", ctypes.c_int),
+        ("si_code", ctypes.c_int),
+        ("_pad", ctypes.c_int),
+        ("si_addr", ctypes.c_uint64),  # also si_pid/si_uid for signals sent by kill()
+        ("_rest", ctypes.c_byte * 104),
+    ]
+
+
+class IoVec(ctypes.Structure):
+    """struct iovec, <sys/uio.h>."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class SockFilter(ctypes.Structure):
+    """struct sock_filter, <linux/filter.h>."""
+
+    _fields_ = [
+        ("code", ctypes.c_uint16),
+        ("jt", ctypes.c_uint8),
+        ("jf", ctypes.c_uint8),
+        ("k", ctypes.c_uint32),
+    ]
+
+
+class SockFprog(ctypes.Structure):
+    """struct sock_fprog, <linux/filter.h>."""
+
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+
+# -- in-process cpuid / xgetbv ------------------------------------------------------------
+# A page of our own machine code, because Python cannot execute these instructions.
+# cpuid(leaf=edi, subleaf=esi, out=rdx): push rbx; mov r8,rdx; mov eax,edi; mov ecx,esi;
+#   cpuid; mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx; mov [r8+12],edx; pop rbx; ret
+_CPUID_CODE = bytes.fromhex("534989d089f889f10fa241890041895804418948084189500c5bc3")
+# xgetbv(index=edi) -> rax: mov ecx,edi; xgetbv; shl rdx,32; or rax,rdx; ret
+_XGETBV_CODE = bytes.fromhex("89f90f01d048c1e2204809d0c3")
+# set_xcr0(code=rdi, mask=rsi, area=rdx, rfbm=rcx) -> raw syscall result: bring the
+# components in rfbm to their initial state (xrstor from a header with XSTATE_BV=0), then
+# arch_prctl(code, mask) with no library code in between to dirty them again.
+#   mov r10,rdx; mov rax,rcx; mov rdx,rcx; shr rdx,32; xrstor [r10]; mov eax,158;
+#   syscall; ret
+_SET_XCR0_CODE = bytes.fromhex("4989d24889c84889ca48c1ea20410fae2ab89e0000000f05c3")
+
+_PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
+_MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
+
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.syscall.restype = ctypes.c_long
+_libc.ptrace.restype = ctypes.c_long
+_libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
+
+
+def _load_code() -> tuple[int, int, int]:
+    page = _libc.mmap(None, 4096, _PROT_READ | _PROT_WRITE, _MAP_PRIVATE | _MAP_ANONYMOUS, -1, 0)
+    if page in (None, ctypes.c_void_p(-1).value):
+        raise NativeError(ctypes.get_errno(), "mmap")
+    offsets = []
+    at = 0
+    for code in (_CPUID_CODE, _XGETBV_CODE, _SET_XCR0_CODE):
+        ctypes.memmove(page + at, code, len(code))
+        offsets.append(page + at)
+        at += (len(code) + 15) & ~15
+    _check(_libc.mprotect(page, 4096, _PROT_READ | _PROT_EXEC), "mprotect")
+    return offsets[0], offsets[1], offsets[2]
+
+
+_code_cache: list[tuple[ctypes._CFuncPtr, ...]] = []
+
+
+def _functions() -> tuple[ctypes._CFuncPtr, ...]:
+    if not _code_cache:
+        cpuid_at, xgetbv_at, set_xcr0_at = _load_code()
+        _code_cache.append(
+            (
+                ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)(cpuid_at),
+                ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32)(xgetbv_at),
+                ctypes.CFUNCTYPE(
+                    ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
+                )(set_xcr0_at),
+            )
+        )
+    return _code_cache[0]
+
+
+def cpuid(leaf: int, subleaf: int = 0) -> tuple[int, int, int, int]:
+    """Execute CPUID in this thread: (eax, ebx, ecx, edx)."""
+    out = (ctypes.c_uint32 * 4)()
+    _functions()[0](leaf, subleaf, ctypes.addressof(out))
+    return out[0], out[1], out[2], out[3]
+
+
+def xgetbv(index: int = 0) -> int:
+    """Execute XGETBV in this thread (index 0: XCR0, index 1: XINUSE & XCR0)."""
+    return int(_functions()[1](index))
+
+
+def set_xcr0_with_init(code: int, mask: int, init_components: int) -> int:
+    """arch_prctl(code, mask) right after putting `init_components` in their initial
+    state, as the out-of-tree ARCH_SET_XCR0 demands. Returns the raw result (-errno)."""
+    area = (ctypes.c_uint8 * (4096 + 64))()
+    aligned = (ctypes.addressof(area) + 63) & ~63  # XRSTOR needs 64-byte alignment
+    return int(_functions()[2](code, mask, aligned, init_components))
+
+
+# -- arch_prctl -----------------------------------------------------------------------------
+
+
+def arch_prctl(code: int, arg: int = 0) -> int:
+    return _check(
+        _libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.c_ulong(arg)), "arch_prctl"
+    )
+
+
+def arch_prctl_get(code: int) -> int:
+    """An ARCH_GET_* call that stores a u64 through its argument."""
+    value = ctypes.c_uint64(0)
+    _check(_libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.byref(value)), "arch_prctl")
+    return value.value
+
+
+def arch_prctl_raw(code: int, arg: int) -> int:
+    """arch_prctl without raising: the result, or -errno."""
+    result = _libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.c_ulong(arg))
+    return -ctypes.get_errno() if result == -1 else result
+
+
+def mmap_min_addr() -> int:
+    try:
+        with open("/proc/sys/vm/mmap_min_addr") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 4096
+
+
+def address_mapped(address: int, length: int = 8) -> bool:
+    """Whether [address, address+length) touches a mapping of this process."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
+            if lo < address + length and address < hi:
+                return True
+    return False
+
+
+# -- seccomp ----------------------------------------------------------------------------------
+
+_BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
+_BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
+_BPF_RET_K = 0x06  # BPF_RET | BPF_K
+# struct seccomp_data offsets, <linux/seccomp.h>
+_SECCOMP_NR, _SECCOMP_ARCH, _SECCOMP_ARG0_LO = 0, 4, 16
+
+
+def deny_arch_prctl_code(code: int, err: int = _errno.EPERM) -> None:
+    """Install a seccomp filter making arch_prctl(code, ...) fail with `err` in this
+    process and everything it starts (filters survive fork and execve)."""
+    prog = [
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH),
+        (_BPF_JEQ_K, 0, 6, AUDIT_ARCH_X86_64),  # other ABIs: allow
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),
+        (_BPF_JEQ_K, 1, 0, SYS_arch_prctl),
+        (_BPF_JEQ_K, 0, 3, SYS_arch_prctl | X32_SYSCALL_BIT),
+        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
+        (_BPF_JEQ_K, 0, 1, code),
+        (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | err),
+        (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+    ]
+    filters = (SockFilter * len(prog))(*(SockFilter(*insn) for insn in prog))
+    fprog = SockFprog(len(prog), filters)
+    if os.geteuid() != 0:
+        _check(_libc.syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
+    _check(_libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)), "seccomp")
+
+
+# -- ptrace -----------------------------------------------------------------------------------
+
+
+def _ptrace(request: int, pid: int, addr: int, data: int | ctypes.c_void_p | None) -> int:
+    return _check(_libc.ptrace(request, pid, addr, data), "ptrace", pid)
+
+
+def ptrace_traceme() -> None:
+    _ptrace(PTRACE_TRACEME, 0, 0, 0)
+
+
+def ptrace_seize(pid: int, options: int) -> None:
+    _ptrace(PTRACE_SEIZE, pid, 0, options)
+
+
+def ptrace_attach(pid: int) -> None:
+    _ptrace(PTRACE_ATTACH, pid, 0, 0)
+
+
+def ptrace_setoptions(pid: int, options: int) -> None:
+    _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
+
+
+def ptrace_cont(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_CONT, pid, 0, sig)
+
+
+def ptrace_syscall(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_SYSCALL, pid, 0, sig)
+
+
+def ptrace_listen(pid: int) -> None:
+    _ptrace(PTRACE_LISTEN, pid, 0, 0)
+
+
+def ptrace_interrupt(pid: int) -> None:
+    _ptrace(PTRACE_INTERRUPT, pid, 0, 0)
+
+
+def ptrace_detach(pid: int, sig: int = 0) -> None:
+    _ptrace(PTRACE_DETACH, pid, 0, sig)
+
+
+def ptrace_geteventmsg(pid: int) -> int:
+    msg = ctypes.c_ulong(0)
+    _ptrace(PTRACE_GETEVENTMSG, pid, 0, ctypes.addressof(msg))
+    return msg.value
+
+
+def ptrace_getsiginfo(pid: int, info: SigInfo) -> SigInfo:
+    _ptrace(PTRACE_GETSIGINFO, pid, 0, ctypes.addressof(info))
+    return info
+
+
+def ptrace_getregs(pid: int, regs: UserRegs) -> UserRegs:
+    _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def ptrace_setregs(pid: int, regs: UserRegs) -> None:
+    _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(regs))
+
+
+def ptrace_peek(pid: int, address: int) -> int:
+    """One word of the tracee's memory."""
+    ctypes.set_errno(0)
+    word = _libc.ptrace(PTRACE_PEEKTEXT, pid, address, 0)
+    if word == -1 and ctypes.get_errno():
+        raise NativeError(ctypes.get_errno(), "ptrace(PEEKTEXT)", pid)
+    return word & 0xFFFFFFFFFFFFFFFF
+
+
+def ptrace_poke(pid: int, address: int, word: int) -> None:
+    _ptrace(PTRACE_POKETEXT, pid, address, ctypes.c_uint64(word).value)
+
+
+def ptrace_getregset(pid: int, note_type: int, size: int) -> bytes:
+    """A register set (e.g. NT_X86_XSTATE); the kernel trims it to its real size."""
+    buf = ctypes.create_string_buffer(size)
+    iov = IoVec(ctypes.addressof(buf), size)
+    _ptrace(PTRACE_GETREGSET, pid, note_type, ctypes.addressof(iov))
+    return buf.raw[: iov.iov_len]
+
+
+def xstate_header(area: bytes) -> tuple[int, int]:
+    """(XCR0, XSTATE_BV) from a standard-format XSAVE area read with NT_X86_XSTATE:
+    Linux keeps XCR0 in the software-reserved bytes at 464; the header starts at 512."""
+    (xcr0,) = struct.unpack_from("<Q", area, 464)
+    (xstate_bv,) = struct.unpack_from("<Q", area, 512)
+    return xcr0, xstate_bv

@@ -1,0 +1,245 @@
+"""The command line: click definitions, messages, exit statuses. The only module that
+prints or exits; everything it does goes through the library.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+import click
+from click.shell_completion import CompletionItem
+
+from xcr0run import __version__, host, inspect, masks
+from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
+from xcr0run.plan import Method, make_plan
+from xcr0run.supervisor import Outcome
+
+PROG = "xcr0run"
+
+EPILOG = f"""\b
+Mask syntax (see man {PROG}):
+  x87,sse,avx      exactly these XSAVE components (groups: avx512, amx, mpx)
+  0x7              a raw XCR0 value
+  no-avx512        a preset: host, {", ".join(p for p in masks.PRESETS if p != "host")}
+  -avx512,-pkru    the host set minus these (and what needs them)
+
+\b
+Examples:
+  {PROG} --show                          this thread's XCR0, decoded, with sizes
+  {PROG} --show --mask no-avx512         what a mask would hide here, without running
+  {PROG} --mask no-avx512 -- ./test      run a test as on a CPU without AVX-512
+  {PROG} -q --mask x87,sse,avx -- make check
+  {PROG} --report run.json -m -avx -- ./bench
+
+\b
+Exit status: the command's own; 125 if {PROG} itself fails, 126 if the command
+cannot be executed, 127 if it is not found. A command killed by a signal makes
+{PROG} die of the same signal.
+"""
+
+
+class MaskParam(click.ParamType):
+    """A --mask value: parsed against this machine's XCR0; keeps the text for messages."""
+
+    name = "MASK"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return (value, masks.parse_mask(value, host.xcr0()))
+        except MaskError as err:
+            self.fail(str(err), param, ctx)
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        return [
+            CompletionItem(value, help=text)
+            for value, text in masks.complete(incomplete, host.xcr0())
+        ]
+
+
+class PrctlCode(click.ParamType):
+    name = "CODE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        try:
+            return int(value, 0)
+        except ValueError:
+            self.fail(f"not a number: {value!r} (try 0x1021)", param, ctx)
+
+
+@click.command(
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+    epilog=EPILOG,
+    no_args_is_help=False,
+)
+@click.option("-m", "--mask", "mask", type=MaskParam(), help="XSAVE components the program sees.")
+@click.option("--show", is_flag=True, help="Show this thread's XCR0 and what the kernel offers.")
+@click.option("--json", "as_json", is_flag=True, help="With --show: print JSON.")
+@click.option(
+    "--method",
+    type=click.Choice([m.value for m in Method]),
+    default=Method.AUTO.value,
+    show_default=True,
+    help="kernel: ARCH_SET_XCR0; cpuid: CPUID faulting under ptrace; auto: best available.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Do not print the state before starting.")
+@click.option(
+    "--report",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write a JSON summary of the run to this file at exit.",
+)
+@click.option("--force", is_flag=True, help="Run even if the program's ISA level is not met.")
+@click.option(
+    "--xcr0-prctl",
+    type=PrctlCode(),
+    envvar=host.XCR0_PRCTL_ENV,
+    help=f"arch_prctl code of ARCH_SET_XCR0 [default: 0x1021; env {host.XCR0_PRCTL_ENV}].",
+)
+@click.version_option(__version__, "-V", "--version", prog_name=PROG)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def cli(
+    mask: tuple[str, int] | None,
+    show: bool,
+    as_json: bool,
+    method: str,
+    quiet: bool,
+    report: str | None,
+    force: bool,
+    xcr0_prctl: int | None,
+    command: tuple[str, ...],
+) -> Any:
+    """Run COMMAND so that it sees only the chosen XSAVE state components and the
+    CPU features that depend on them, or show what this thread's XCR0 really is."""
+    code = host.xcr0_prctl_code(xcr0_prctl)
+    if show:
+        if command:
+            raise click.UsageError("--show takes no command")
+        return _show(mask, Method(method), code, as_json)
+    if as_json:
+        raise click.UsageError("--json goes with --show")
+    if not command:
+        raise click.UsageError("no command given")
+    if mask is None:
+        raise click.UsageError("missing --mask")
+    return _run(mask, Method(method), code, command, quiet, report, force)
+
+
+def _show(mask: tuple[str, int] | None, method: Method, code: int, as_json: bool) -> int:
+    from xcr0run import render
+
+    caps = inspect.capabilities(code)
+    table = host.cpuid_table()
+    report = inspect.gather(caps, code, table)
+    if mask is not None:
+        report.plan = inspect.describe_mask(mask[0], mask[1], caps, method, table)
+    if as_json:
+        click.echo(render.to_json(report.to_json()))
+    else:
+        render.show(report, sys.stdout)
+    return 0
+
+
+def _run(
+    mask: tuple[str, int],
+    method: Method,
+    code: int,
+    command: Sequence[str],
+    quiet: bool,
+    report: str | None,
+    force: bool,
+) -> Outcome:
+    from xcr0run import launcher, render
+    from xcr0run.view import psabi_level
+
+    path = launcher.find_command(command[0])
+    caps = inspect.capabilities(code)
+    plan = make_plan(mask[1], caps, method)
+    table = host.cpuid_table()
+    if not force:
+        launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
+    described = inspect.describe_plan(plan, mask[0], table)
+    if not quiet:
+        click.echo(render.banner(described, caps.xcr0), err=True)
+    if not plan.trap_cpuid:
+        if report:
+            _write_report(report, described, None)
+        launcher.exec_direct(path, command, plan, code)
+    outcome = launcher.supervise(path, command, plan, code)
+    if report:
+        _write_report(report, described, outcome)
+    return outcome
+
+
+def _write_report(path: str, described: dict[str, Any], outcome: Outcome | None) -> None:
+    from xcr0run import render
+
+    data: dict[str, Any] = {"plan": described}
+    if outcome is not None:
+        data["run"] = {
+            "pid": outcome.pid,
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "processes": outcome.processes,
+            "threads": outcome.threads,
+            "execs": outcome.execs,
+            "cpuid_traps": outcome.cpuid_traps,
+            "cpuid_leaves": outcome.leaves,
+        }
+    try:
+        with open(path, "w") as f:
+            f.write(render.to_json(data) + "\n")
+    except OSError as err:
+        raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
+
+
+def _die_like(outcome: Outcome) -> NoReturn:
+    """Exit as the program did: same status, or killed by the same signal."""
+    sys.stdout.flush()
+    if outcome.signal is None:
+        os._exit(outcome.exit_code if outcome.exit_code is not None else ExitStatus.FAILURE)
+    import resource
+
+    sig = outcome.signal
+    # No core file of our own: the program already dumped one if it was going to.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # a signal whose default is to ignore (SIGCHLD, SIGWINCH, ...)
+
+
+def _fail(message: str, status: int, usage: bool = False) -> NoReturn:
+    click.echo(f"{PROG}: {message}", err=True)
+    if usage:
+        click.echo(f"Try '{PROG} --help' for more information.", err=True)
+    sys.exit(status)
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    try:
+        result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+    except click.BadParameter as err:
+        name = err.param.opts[-1] if err.param is not None and err.param.opts else "argument"
+        _fail(f"{name}: {err.message}", ExitStatus.FAILURE)
+    except click.UsageError as err:
+        _fail(err.format_message(), ExitStatus.FAILURE, usage=True)
+    except click.ClickException as err:
+        _fail(err.format_message(), ExitStatus.FAILURE)
+    except click.Abort:
+        _fail("aborted", ExitStatus.FAILURE)
+    except Xcr0runError as err:
+        _fail(str(err), err.status)
+    except OSError as err:
+        _fail(str(err), ExitStatus.FAILURE)
+    if isinstance(result, Outcome):
+        _die_like(result)
+    sys.exit(result or 0)

@@ -1,0 +1,110 @@
+"""A CPUID table: the answers one CPU gives, leaf by leaf, as plain data.
+
+Which leaves take a sub-leaf in ECX, and how far each enumeration runs, follow the
+Intel SDM vol. 2A (CPUID) and the AMD APM vol. 3 (appendix E). Pure module: the table is
+filled by the system layer (host.py) or loaded from a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+
+Registers = tuple[int, int, int, int]  # eax, ebx, ecx, edx
+REGISTER_NAMES = ("eax", "ebx", "ecx", "edx")
+
+HYPERVISOR_BASE = 0x40000000
+EXTENDED_BASE = 0x80000000
+
+
+def _until_cache_type(_n: int, regs: Registers) -> bool:
+    return regs[0] & 0x1F != 0  # EAX[4:0] cache type, 0 = no more caches
+
+
+def _until_level_type(_n: int, regs: Registers) -> bool:
+    return (regs[2] >> 8) & 0xFF != 0  # ECX[15:8] level type, 0 = invalid
+
+
+# Sub-leaf enumeration: leaf -> (how the count is known, fixed upper bound).
+# "max_in_eax": sub-leaf 0 EAX holds the highest valid sub-leaf.
+_MAX_IN_EAX = {0x7, 0x14, 0x17, 0x18, 0x1D, 0x20, 0x24}
+_WHILE: dict[int, Callable[[int, Registers], bool]] = {
+    0x4: _until_cache_type,
+    0xB: _until_level_type,
+    0x1F: _until_level_type,
+    0x12: lambda n, regs: n < 2 or regs[0] & 0xF != 0,
+    0x8000001D: _until_cache_type,
+    0x80000026: _until_level_type,
+}
+_FIXED: dict[int, int] = {0xD: 64, 0xF: 4, 0x10: 4, 0x1E: 2, 0x23: 4, 0x80000020: 4}
+SUBLEAF_LEAVES = frozenset(_MAX_IN_EAX | set(_WHILE) | set(_FIXED))
+
+# Leaves whose answer depends on the CPU asking (APIC and topology IDs).
+PER_CPU_LEAVES = frozenset({0x1, 0xB, 0x1F, 0x8000001E, 0x80000026})
+
+
+def key(leaf: int, subleaf: int) -> tuple[int, int]:
+    """Normalise (leaf, subleaf): hardware ignores ECX for leaves without sub-leaves."""
+    return (leaf, subleaf if leaf in SUBLEAF_LEAVES else 0)
+
+
+@dataclass
+class CpuidTable:
+    entries: dict[tuple[int, int], Registers] = field(default_factory=dict)
+
+    def get(self, leaf: int, subleaf: int = 0) -> Registers | None:
+        return self.entries.get(key(leaf, subleaf))
+
+    def __getitem__(self, leaf_subleaf: tuple[int, int]) -> Registers:
+        return self.entries.get(key(*leaf_subleaf), (0, 0, 0, 0))
+
+    def has_bit(self, leaf: int, subleaf: int, register: str, bit: int) -> bool:
+        regs = self.get(leaf, subleaf)
+        return bool(regs and regs[REGISTER_NAMES.index(register)] >> bit & 1)
+
+    def __iter__(self) -> Iterator[tuple[tuple[int, int], Registers]]:
+        return iter(sorted(self.entries.items()))
+
+    def to_json(self) -> dict[str, list[str]]:
+        return {f"{leaf:#010x}.{sub}": [f"{r:#010x}" for r in regs] for (leaf, sub), regs in self}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, list[str]]) -> CpuidTable:
+        table = cls()
+        for name, regs in data.items():
+            leaf, _, sub = name.partition(".")
+            a, b, c, d = (int(r, 16) for r in regs)
+            table.entries[key(int(leaf, 16), int(sub or "0"))] = (a, b, c, d)
+        return table
+
+
+def read_table(run: Callable[[int, int], Registers]) -> CpuidTable:
+    """Walk every leaf and sub-leaf a CPU reports, executing CPUID through `run`."""
+    table = CpuidTable()
+    for base in (0, HYPERVISOR_BASE, EXTENDED_BASE):
+        top = run(base, 0)[0]
+        if base and not base <= top < base + 0x100:
+            continue  # range absent (bare metal answers unrelated data at 0x40000000)
+        for leaf in range(base, top + 1):
+            for subleaf, regs in _subleaves(leaf, run):
+                table.entries[(leaf, subleaf)] = regs
+    return table
+
+
+def _subleaves(leaf: int, run: Callable[[int, int], Registers]) -> Iterator[tuple[int, Registers]]:
+    first = run(leaf, 0)
+    yield 0, first
+    if leaf in _MAX_IN_EAX:
+        for n in range(1, min(first[0], 63) + 1):
+            yield n, run(leaf, n)
+    elif leaf in _FIXED:
+        for n in range(1, _FIXED[leaf]):
+            regs = run(leaf, n)
+            if any(regs):
+                yield n, regs
+    elif leaf in _WHILE and _WHILE[leaf](0, first):
+        for n in range(1, 64):
+            regs = run(leaf, n)
+            yield n, regs
+            if not _WHILE[leaf](n, regs):
+                break

@@ -1,0 +1,201 @@
+"""The facts `xcr0run --show` reports, gathered from this thread and this kernel.
+
+The result is plain data (`ShowReport`), with `to_json()` giving the stable key names
+documented in the README; render.py draws it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xcr0run import host, xsave
+from xcr0run.cpuid import CpuidTable
+from xcr0run.errors import UnsupportedError
+from xcr0run.plan import Capabilities, Method, Plan, make_plan
+from xcr0run.view import CpuidView, psabi_level
+
+# The legacy region of every XSAVE area (SDM vol. 1, 13.4.1): x87 and SSE state live at
+# fixed places in its first 512 bytes; CPUID leaf 0xD does not report them.
+_LEGACY = {0: (0, 160), 1: (160, 256)}
+_XSAVE_LEAF = 0xD
+
+
+@dataclass(frozen=True)
+class ComponentRow:
+    number: int
+    name: str
+    title: str
+    scope: str
+    supported: bool
+    enabled: bool | None  # None for supervisor state: IA32_XSS is not visible from here
+    in_use: bool | None  # None without XGETBV1
+    size: int
+    offset: int | None  # standard-format offset; None for supervisor components
+    align64: bool
+    xfd: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class ShowReport:
+    xcr0: int
+    xinuse: int | None
+    components: list[ComponentRow]
+    xsave_size_enabled: int  # CPUID.(0xD,0).EBX: standard format, current XCR0
+    xsave_size_supported: int  # CPUID.(0xD,0).ECX: every supported user component
+    xsave_size_compacted: int  # CPUID.(0xD,1).EBX: XSAVES, XCR0 | IA32_XSS
+    xcomp: host.XComp
+    caps: Capabilities
+    xcr0_prctl_code: int
+    psabi_level: str | None
+    vendor: str
+    brand: str
+    plan: dict[str, Any] | None = field(default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        def hexed(value: int | None) -> str | None:
+            return None if value is None else f"{value:#x}"
+
+        amx = xsave.NAMES["tiledata"]
+        return {
+            "xcr0": hexed(self.xcr0),
+            "xcr0_decoded": [c.name for c in xsave.components(self.xcr0)],
+            "xinuse": hexed(self.xinuse),
+            "components": [row.to_json() for row in self.components],
+            "xsave_size": {
+                "enabled": self.xsave_size_enabled,
+                "supported": self.xsave_size_supported,
+                "compacted": self.xsave_size_compacted,
+            },
+            "kernel": {
+                "xcomp_supported": hexed(self.xcomp.supported),
+                "xcomp_permitted": hexed(self.xcomp.permitted),
+                "xcomp_guest_permitted": hexed(self.xcomp.guest_permitted),
+                "amx_supported": bool((self.xcomp.supported or 0) & amx),
+                "amx_permitted": bool((self.xcomp.permitted or 0) & amx),
+            },
+            "cpuid_faulting": {
+                "supported": self.caps.faulting,
+                "enabled": self.caps.faulting and "already faults" in self.caps.faulting_detail,
+                "detail": self.caps.faulting_detail,
+            },
+            "arch_set_xcr0": {
+                "code": hexed(self.xcr0_prctl_code),
+                "available": self.caps.set_xcr0,
+                "detail": self.caps.set_xcr0_detail,
+            },
+            "psabi_level": self.psabi_level,
+            "cpu": {"vendor": self.vendor, "brand": self.brand},
+            "plan": self.plan,
+        }
+
+
+def capabilities(xcr0_prctl_code: int) -> Capabilities:
+    xcr0 = host.xcr0()
+    faulting = host.cpuid_faulting()
+    probe = host.probe_xcr0_prctl(xcr0_prctl_code, xcr0)
+    xcomp = host.xcomp()
+    return Capabilities(
+        xcr0=xcr0,
+        faulting=faulting.supported,
+        faulting_detail=faulting.detail,
+        set_xcr0=probe.available,
+        set_xcr0_detail=probe.detail,
+        amx_supported=bool((xcomp.supported or 0) & xsave.NAMES["tiledata"]),
+    )
+
+
+def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[ComponentRow]:
+    eax0, _, _, edx0 = table[(_XSAVE_LEAF, 0)]
+    _, _, ecx1, edx1 = table[(_XSAVE_LEAF, 1)]
+    user_supported = eax0 | edx0 << 32
+    supervisor_supported = ecx1 | edx1 << 32
+    rows = []
+    for c in xsave.COMPONENTS:
+        user = c.scope is xsave.Scope.USER
+        supported = bool((user_supported if user else supervisor_supported) & c.bit)
+        if c.number in _LEGACY:
+            offset, size = _LEGACY[c.number]
+            align, xfd = False, False
+        else:
+            size, offset_, ecx, _ = table[(_XSAVE_LEAF, c.number)]
+            offset = offset_ if user else None
+            align, xfd = bool(ecx & 0b10), bool(ecx & 0b100)
+        rows.append(
+            ComponentRow(
+                number=c.number,
+                name=c.name,
+                title=c.title,
+                scope=c.scope.value,
+                supported=supported,
+                enabled=bool(xcr0 & c.bit) if user else None,
+                in_use=None if xinuse is None or not user else bool(xinuse & c.bit),
+                size=size,
+                offset=offset,
+                align64=align,
+                xfd=xfd,
+            )
+        )
+    return rows
+
+
+def _brand(table: CpuidTable) -> tuple[str, str]:
+    _, b, c, d = table[(0, 0)]
+    vendor = b"".join(r.to_bytes(4, "little") for r in (b, d, c)).decode(errors="replace")
+    raw = b"".join(
+        r.to_bytes(4, "little") for leaf in range(0x80000002, 0x80000005) for r in table[(leaf, 0)]
+    )
+    return vendor, raw.split(b"\0", 1)[0].decode(errors="replace").strip()
+
+
+def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowReport:
+    xinuse = host.xinuse()
+    _, ebx0, ecx0, _ = table[(_XSAVE_LEAF, 0)]
+    _, ebx1, _, _ = table[(_XSAVE_LEAF, 1)]
+    vendor, brand = _brand(table)
+    return ShowReport(
+        xcr0=caps.xcr0,
+        xinuse=xinuse,
+        components=component_rows(table, caps.xcr0, xinuse),
+        xsave_size_enabled=ebx0,
+        xsave_size_supported=ecx0,
+        xsave_size_compacted=ebx1,
+        xcomp=host.xcomp(),
+        caps=caps,
+        xcr0_prctl_code=xcr0_prctl_code,
+        psabi_level=psabi_level(table, caps.xcr0),
+        vendor=vendor,
+        brand=brand,
+    )
+
+
+def describe_plan(plan: Plan, mask_text: str, table: CpuidTable) -> dict[str, Any]:
+    """What a mask would mean here, for `--show --mask` and the start-up banner."""
+    seen = plan.view.apply(table)
+    return {
+        "mask": mask_text,
+        "xcr0": f"{plan.mask:#x}",
+        "xcr0_decoded": [c.name for c in xsave.components(plan.mask)],
+        "mechanism": plan.mechanism,
+        "how": plan.describe(),
+        "hidden_features": plan.view.hidden_present(table),
+        "psabi_level": psabi_level(seen, plan.mask),
+        "enforced": plan.enforced(),
+        "limits": plan.view.limits(),
+    }
+
+
+def describe_mask(
+    mask_text: str, mask: int, caps: Capabilities, method: Method, table: CpuidTable
+) -> dict[str, Any]:
+    """describe_plan, also when no mechanism can present the mask here."""
+    try:
+        return describe_plan(make_plan(mask, caps, method), mask_text, table)
+    except UnsupportedError as err:
+        unplanned = Plan(mask, False, False, False, CpuidView.build(mask, caps.xcr0))
+        described = describe_plan(unplanned, mask_text, table)
+        described.update(mechanism="unavailable", how=str(err))
+        return described

@@ -1,0 +1,75 @@
+"""The x86-64 ISA level an ELF file declares it needs (GNU property notes).
+
+glibc's loader aborts with "CPU ISA level is lower than required" when an object marks
+GNU_PROPERTY_X86_ISA_1_NEEDED above what CPUID reports. Layout from the ELF gABI, the
+"Linux Extensions to gABI" (GNU property notes) and the x86-64 psABI. Pure: bytes in.
+"""
+
+from __future__ import annotations
+
+import struct
+
+PT_INTERP = 3
+PT_NOTE = 4
+PT_GNU_PROPERTY = 0x6474E553
+NT_GNU_PROPERTY_TYPE_0 = 5
+GNU_PROPERTY_X86_ISA_1_NEEDED = 0xC0008002
+# ISA_1 bits, lowest first: baseline, v2, v3, v4.
+LEVEL_NAMES = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
+
+
+def _segments(elf: bytes) -> list[tuple[int, int, int]]:
+    """(p_type, p_offset, p_filesz) of each program header of a 64-bit ELF file."""
+    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+        return []
+    (phoff,) = struct.unpack_from("<Q", elf, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+    out = []
+    for i in range(phnum):
+        at = phoff + i * phentsize
+        if at + 56 > len(elf):
+            break
+        (p_type,) = struct.unpack_from("<I", elf, at)
+        (p_offset,) = struct.unpack_from("<Q", elf, at + 8)
+        (p_filesz,) = struct.unpack_from("<Q", elf, at + 32)
+        out.append((p_type, p_offset, p_filesz))
+    return out
+
+
+def interpreter(elf: bytes) -> str | None:
+    """The PT_INTERP path (the dynamic loader), if any."""
+    for p_type, offset, size in _segments(elf):
+        if p_type == PT_INTERP:
+            return elf[offset : offset + size].rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+def needed_level(elf: bytes) -> str | None:
+    """The highest ISA level the file marks as needed, or None when it marks none."""
+    segments = _segments(elf)
+    notes = [s for s in segments if s[0] == PT_GNU_PROPERTY] or [
+        s for s in segments if s[0] == PT_NOTE
+    ]
+    needed = 0
+    for _, offset, size in notes:
+        needed |= _isa_needed(elf[offset : offset + size])
+    return LEVEL_NAMES[needed.bit_length() - 1] if needed else None
+
+
+def _isa_needed(notes: bytes) -> int:
+    at, found = 0, 0
+    while at + 12 <= len(notes):
+        namesz, descsz, ntype = struct.unpack_from("<III", notes, at)
+        name_end = at + 12 + ((namesz + 3) & ~3)
+        desc = notes[name_end : name_end + descsz]
+        if ntype == NT_GNU_PROPERTY_TYPE_0 and notes[at + 12 : at + 12 + namesz] == b"GNU\0":
+            p = 0
+            while p + 8 <= len(desc):
+                pr_type, pr_size = struct.unpack_from("<II", desc, p)
+                if pr_type == GNU_PROPERTY_X86_ISA_1_NEEDED and pr_size >= 4:
+                    found |= struct.unpack_from("<I", desc, p + 8)[0]
+                p += 8 + ((pr_size + 7) & ~7)
+        at = name_end + (
+            (descsz + 7) & ~7 if ntype == NT_GNU_PROPERTY_TYPE_0 else (descsz + 3) & ~3
+        )
+    return found

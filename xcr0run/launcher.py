@@ -1,0 +1,180 @@
+"""Starting the command: find it, check it can run under the view, set up the child
+(XCR0, AMX permission filter), and either exec it directly or supervise it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from xcr0run import _native, host, isalevel
+from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
+from xcr0run.plan import Plan
+from xcr0run.supervisor import Outcome, Supervisor
+
+# Signals a shell or terminal sends the whole foreground group: the program gets them
+# directly, so the supervisor stays out of the way.
+_GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
+# Signals sent to xcr0run alone are passed on to the program, as `timeout` does.
+_FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+
+
+def find_command(name: str) -> str:
+    """The file execvp would run, or CommandError with status 127/126 as env(1) gives."""
+    if "/" in name:
+        path = name
+        if not os.path.exists(path):
+            raise CommandError(
+                f"failed to run command '{name}': No such file or directory", ExitStatus.NOT_FOUND
+            )
+    else:
+        found = shutil.which(name)
+        if found is None:
+            # An existing but non-executable match is 126, as execvp reports EACCES.
+            dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
+            if any(os.path.isfile(os.path.join(d or ".", name)) for d in dirs):
+                raise CommandError(
+                    f"failed to run command '{name}': Permission denied", ExitStatus.CANNOT_EXECUTE
+                )
+            raise CommandError(
+                f"failed to run command '{name}': No such file or directory", ExitStatus.NOT_FOUND
+            )
+        path = found
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise CommandError(
+            f"failed to run command '{name}': Permission denied", ExitStatus.CANNOT_EXECUTE
+        )
+    return path
+
+
+@dataclass(frozen=True)
+class IsaNeed:
+    path: str
+    level: str
+
+
+def isa_needs(path: str) -> list[IsaNeed]:
+    """ISA levels marked as needed by the program, its loader and the loader's libc."""
+    out: list[IsaNeed] = []
+    seen: set[str] = set()
+    todo = [path]
+    while todo:
+        current = os.path.realpath(todo.pop())
+        if current in seen:
+            continue
+        seen.add(current)
+        try:
+            with open(current, "rb") as f:
+                data = f.read(4 << 20)
+        except OSError:
+            continue
+        level = isalevel.needed_level(data)
+        if level:
+            out.append(IsaNeed(current, level))
+        interp = isalevel.interpreter(data)
+        if interp:
+            todo.append(interp)
+            libc = os.path.join(os.path.dirname(os.path.realpath(interp)), "libc.so.6")
+            todo.append(libc)
+            # Debian-style multiarch: the loader sits in /lib64, libc in lib/<triplet>.
+            todo.append(os.path.join("/lib", "x86_64-linux-gnu", "libc.so.6"))
+    return out
+
+
+def check_isa_level(path: str, view_level: str | None) -> None:
+    """Refuse a view below a level the program's objects need (glibc would abort)."""
+    for need in isa_needs(path):
+        if view_level is None or _rank(need.level) > _rank(view_level):
+            shown = view_level or "below x86-64-v1"
+            raise UnsupportedError(
+                f"{need.path} needs {need.level} but the view is {shown}; glibc would abort "
+                "with 'CPU ISA level is lower than required' (use --force to run anyway)"
+            )
+
+
+def _rank(level: str) -> int:
+    return isalevel.LEVEL_NAMES.index(level)
+
+
+def _prepare_child(plan: Plan, xcr0_prctl: int) -> None:
+    """In the process about to exec: AMX filter, XCR0, default signal dispositions."""
+    if plan.deny_amx:
+        _native.deny_arch_prctl_code(_native.ARCH_REQ_XCOMP_PERM)
+    if plan.set_xcr0:
+        to_init = plan.view.host_xcr0 & ~plan.mask & ~0b11
+        result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
+        if result != 0:
+            raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
+        if host.xcr0() != plan.mask:
+            raise OSError(errno.EIO, f"XCR0 reads {host.xcr0():#x} after ARCH_SET_XCR0")
+    # Python ignores SIGPIPE and SIGXFSZ; the program must start with the defaults.
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def exec_direct(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> None:
+    """Replace xcr0run by the program (no supervision needed). Returns only on error."""
+    try:
+        _prepare_child(plan, xcr0_prctl)
+    except OSError as err:
+        raise UnsupportedError(str(err)) from err
+    try:
+        os.execv(path, list(argv))
+    except OSError as err:
+        raise _exec_error(argv[0], err.errno) from err
+
+
+def _exec_error(name: str, err: int) -> CommandError:
+    status = ExitStatus.NOT_FOUND if err == errno.ENOENT else ExitStatus.CANNOT_EXECUTE
+    return CommandError(f"failed to run command '{name}': {os.strerror(err)}", status)
+
+
+def supervise(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> Outcome:
+    """Run the program under the CPUID-faulting supervisor and wait for its tree."""
+    report_r, report_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: set up, wait to be seized, exec
+        os.close(report_r)
+        try:
+            try:
+                _prepare_child(plan, xcr0_prctl)
+            except OSError as err:
+                os.write(report_w, f"setup:{err}".encode())
+                os._exit(ExitStatus.FAILURE)
+            os.kill(os.getpid(), signal.SIGSTOP)
+            try:
+                os.execv(path, list(argv))
+            except OSError as err:
+                os.write(report_w, f"exec:{err.errno}".encode())
+                os._exit(_exec_error(argv[0], err.errno).status)
+        finally:
+            os._exit(ExitStatus.FAILURE)
+    os.close(report_w)
+    supervisor = Supervisor(plan.view, on_group_stop=_stop_with_program)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _GROUP_SIGNALS}
+    previous.update(
+        {sig: signal.signal(sig, lambda s, _f: supervisor.forward_signal(s)) for sig in _FORWARDED}
+    )
+    try:
+        supervisor.attach_stopped_child(pid)
+        outcome = supervisor.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    report = os.read(report_r, 512).decode(errors="replace")
+    os.close(report_r)
+    kind, _, detail = report.partition(":")
+    if kind == "setup":
+        raise UnsupportedError(detail)
+    if kind == "exec":
+        raise _exec_error(argv[0], int(detail))
+    return outcome
+
+
+def _stop_with_program() -> None:
+    """The program stopped (Ctrl-Z): stop too, so the shell sees the job stopped."""
+    os.kill(os.getpid(), signal.SIGSTOP)
