@@ -1,0 +1,83 @@
+"""Shared fixtures: C helper programs compiled with gcc once per session, and a way to
+run xcr0run as a real process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+C_DIR = Path(__file__).parent / "c"
+
+
+def _host_faulting() -> str | None:
+    from xcr0run import host
+
+    state = host.cpuid_faulting()
+    return None if state.supported else state.detail
+
+
+FAULTING_MISSING = _host_faulting()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if FAULTING_MISSING is None:
+        return
+    skip = pytest.mark.skip(
+        reason=f"no CPUID faulting on this CPU ({FAULTING_MISSING}); "
+        "tests/test_guest.py runs these in a TCG guest"
+    )
+    for item in items:
+        if "faulting" in item.keywords:
+            item.add_marker(skip)
+
+
+class CBuilder:
+    """Compiles a C file from tests/c with gcc, once per (source, flags) per session."""
+
+    def __init__(self, cache: Path) -> None:
+        self.cache = cache
+
+    def __call__(self, name: str, *flags: str) -> str:
+        if shutil.which("gcc") is None:
+            pytest.skip("gcc is not installed")
+        source = C_DIR / name
+        digest = hashlib.sha256(source.read_bytes() + repr(flags).encode()).hexdigest()[:12]
+        out = self.cache / f"{source.stem}-{digest}"
+        if not out.exists():
+            subprocess.run(
+                ["gcc", "-O1", "-g", "-Wall", "-o", str(out), str(source), *flags],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+        return str(out)
+
+
+@pytest.fixture(scope="session")
+def cbuild(tmp_path_factory: pytest.TempPathFactory) -> CBuilder:
+    return CBuilder(tmp_path_factory.mktemp("cbin"))
+
+
+def xcr0run(
+    args: Sequence[str], check: bool = False, **kwargs: object
+) -> subprocess.CompletedProcess[str]:
+    """Run xcr0run as its own process, as a user would."""
+    env = dict(os.environ)
+    env.pop("XCR0RUN_XCR0_PRCTL", None)
+    env.update(kwargs.pop("env", {}) or {})  # type: ignore[arg-type]
+    return subprocess.run(
+        [sys.executable, "-m", "xcr0run", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        env=env,
+        timeout=kwargs.pop("timeout", 120),  # type: ignore[arg-type]
+        **kwargs,  # type: ignore[arg-type]
+    )
