@@ -59,6 +59,28 @@ class CBuilder:
             )
         return str(out)
 
+    def lazy(self, width: int) -> str:
+        """lazymain linked -z lazy against lazylib.so, with 256- or 512-bit vectors."""
+        flags = (f"-DVEC={width}", "-mavx512f" if width == 512 else "-mavx2", f"-I{C_DIR}")
+        out = self.cache / f"lazy{width}"
+        if not out.exists():
+            lib = self.cache / f"liblazy{width}.so"
+            run = ["gcc", "-O1", *flags]
+            subprocess.run([*run, "-shared", "-fPIC", "-o", lib, C_DIR / "lazylib.c"], check=True)
+            subprocess.run(
+                [
+                    *run,
+                    "-o",
+                    out,
+                    C_DIR / "lazymain.c",
+                    lib,
+                    "-Wl,-z,lazy",
+                    f"-Wl,-rpath,{self.cache}",
+                ],
+                check=True,
+            )
+        return str(out)
+
 
 @pytest.fixture(scope="session")
 def cbuild(tmp_path_factory: pytest.TempPathFactory) -> CBuilder:
