@@ -16,6 +16,7 @@ import struct
 _libc = ctypes.CDLL(None, use_errno=True)
 
 # <asm/unistd_64.h>
+SYS_ptrace = 101
 SYS_prctl = 157
 SYS_arch_prctl = 158
 SYS_seccomp = 317
@@ -56,6 +57,7 @@ PTRACE_O_TRACEVFORK = 0x04
 PTRACE_O_TRACECLONE = 0x08
 PTRACE_O_TRACEEXEC = 0x10
 PTRACE_O_TRACEEXIT = 0x40
+PTRACE_O_TRACESECCOMP = 0x80
 PTRACE_O_EXITKILL = 0x100000
 
 PTRACE_EVENT_FORK = 1
@@ -63,6 +65,7 @@ PTRACE_EVENT_VFORK = 2
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
 PTRACE_EVENT_EXIT = 6
+PTRACE_EVENT_SECCOMP = 7
 PTRACE_EVENT_STOP = 128
 
 # <elf.h>
@@ -80,6 +83,7 @@ PR_SET_NO_NEW_PRIVS = 38
 SECCOMP_SET_MODE_FILTER = 1
 SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
+SECCOMP_RET_TRACE = 0x7FF00000
 AUDIT_ARCH_X86_64 = 0xC000003E
 X32_SYSCALL_BIT = 0x40000000
 
@@ -284,20 +288,31 @@ _BPF_RET_K = 0x06  # BPF_RET | BPF_K
 _SECCOMP_NR, _SECCOMP_ARCH, _SECCOMP_ARG0_LO = 0, 4, 16
 
 
-def deny_arch_prctl_code(code: int, err: int = _errno.EPERM) -> None:
-    """Install a seccomp filter making arch_prctl(code, ...) fail with `err` in this
-    process and everything it starts (filters survive fork and execve)."""
-    prog = [
+def install_filter(deny_arch_prctl: int | None, trace_ptrace: bool) -> None:
+    """Install a seccomp filter in this process and everything it starts (filters survive
+    fork and execve): arch_prctl(deny_arch_prctl, ...) fails with EPERM, and with
+    `trace_ptrace` every ptrace call stops the caller for its tracer first
+    (PTRACE_EVENT_SECCOMP), so the supervisor can explain why it will fail."""
+    prog: list[tuple[int, int, int, int]] = [
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH),
-        (_BPF_JEQ_K, 0, 6, AUDIT_ARCH_X86_64),  # other ABIs: allow
+        (_BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+        (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # other ABIs: left alone
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),
-        (_BPF_JEQ_K, 1, 0, SYS_arch_prctl),
-        (_BPF_JEQ_K, 0, 3, SYS_arch_prctl | X32_SYSCALL_BIT),
-        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
-        (_BPF_JEQ_K, 0, 1, code),
-        (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | err),
-        (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
     ]
+    if trace_ptrace:
+        prog += [
+            (_BPF_JEQ_K, 0, 1, SYS_ptrace),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
+        ]
+    if deny_arch_prctl is not None:
+        prog += [
+            (_BPF_JEQ_K, 1, 0, SYS_arch_prctl),
+            (_BPF_JEQ_K, 0, 3, SYS_arch_prctl | X32_SYSCALL_BIT),
+            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
+            (_BPF_JEQ_K, 0, 1, deny_arch_prctl),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM),
+        ]
+    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
     filters = (SockFilter * len(prog))(*(SockFilter(*insn) for insn in prog))
     fprog = SockFprog(len(prog), filters)
     if os.geteuid() != 0:

@@ -8,10 +8,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 from click.shell_completion import CompletionItem
+
+if TYPE_CHECKING:
+    from xcr0run.audit import AuditLog
 
 from xcr0run import __version__, host, inspect, masks
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
@@ -64,6 +68,20 @@ class MaskParam(click.ParamType):
         ]
 
 
+class ComponentsParam(click.ParamType):
+    """Components named as in a mask, without the XCR0 rules (--expect-used)."""
+
+    name = "COMPONENTS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return (value, masks.parse_components(value))
+        except MaskError as err:
+            self.fail(str(err), param, ctx)
+
+
 class PrctlCode(click.ParamType):
     name = "CODE"
 
@@ -99,6 +117,27 @@ class PrctlCode(click.ParamType):
 )
 @click.option("--force", is_flag=True, help="Run even if the program's ISA level is not met.")
 @click.option(
+    "--audit/--no-audit",
+    default=None,
+    help="Report hidden XSAVE state the program used anyway [default: on with cpuid].",
+)
+@click.option(
+    "--audit-interval",
+    type=click.FloatRange(min=0.001),
+    metavar="SECONDS",
+    help="Also sample every thread's XSAVE state this often.",
+)
+@click.option(
+    "--expect-used",
+    type=ComponentsParam(),
+    metavar="COMPONENTS",
+    help="Fail (status 124) unless these components were seen in use, e.g. avx512.",
+)
+@click.option("--strict", is_flag=True, help="Fail (status 124) when hidden state was used.")
+@click.option(
+    "--grant-amx", is_flag=True, help="Request AMX permission for the program in every image."
+)
+@click.option(
     "--xcr0-prctl",
     type=PrctlCode(),
     envvar=host.XCR0_PRCTL_ENV,
@@ -114,6 +153,11 @@ def cli(
     quiet: bool,
     report: str | None,
     force: bool,
+    audit: bool | None,
+    audit_interval: float | None,
+    expect_used: tuple[str, list[tuple[str, int]]] | None,
+    strict: bool,
+    grant_amx: bool,
     xcr0_prctl: int | None,
     command: tuple[str, ...],
 ) -> Any:
@@ -130,7 +174,8 @@ def cli(
         raise click.UsageError("no command given")
     if mask is None:
         raise click.UsageError("missing --mask")
-    return _run(mask, Method(method), code, command, quiet, report, force)
+    checks = AuditChoice(audit, audit_interval, expect_used[1] if expect_used else [], strict)
+    return _run(mask, Method(method), code, command, quiet, report, force, checks, grant_amx)
 
 
 def _show(mask: tuple[str, int] | None, method: Method, code: int, as_json: bool) -> int:
@@ -148,6 +193,19 @@ def _show(mask: tuple[str, int] | None, method: Method, code: int, as_json: bool
     return 0
 
 
+@dataclass(frozen=True)
+class AuditChoice:
+    enabled: bool | None  # --audit/--no-audit; None: on with the cpuid mechanism
+    interval: float | None
+    expect_used: list[tuple[str, int]]
+    strict: bool
+
+    def wanted(self, trap_cpuid: bool) -> bool:
+        if self.enabled is False:
+            return False
+        return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
+
+
 def _run(
     mask: tuple[str, int],
     method: Method,
@@ -156,33 +214,73 @@ def _run(
     quiet: bool,
     report: str | None,
     force: bool,
-) -> Outcome:
+    checks: AuditChoice,
+    grant_amx: bool = False,
+) -> int | Outcome:
     from xcr0run import launcher, render
+    from xcr0run.audit import AuditLog
     from xcr0run.view import psabi_level
 
+    if checks.enabled is False and (checks.expect_used or checks.strict):
+        raise click.UsageError("--no-audit contradicts --expect-used and --strict")
     path = launcher.find_command(command[0])
     caps = inspect.capabilities(code)
-    plan = make_plan(mask[1], caps, method)
+    plan = make_plan(mask[1], caps, method, grant_amx=grant_amx)
     table = host.cpuid_table()
     if not force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
     described = inspect.describe_plan(plan, mask[0], table)
     if not quiet:
         click.echo(render.banner(described, caps.xcr0), err=True)
-    if not plan.trap_cpuid:
+    audit = AuditLog(caps.xcr0 & ~plan.mask) if checks.wanted(plan.trap_cpuid) else None
+    if not plan.supervised and audit is None:
         if report:
-            _write_report(report, described, None)
+            _write_report(report, described, None, None)
         launcher.exec_direct(path, command, plan, code)
-    outcome = launcher.supervise(path, command, plan, code)
+    warned: set[int] = set()
+
+    def explain_ptrace(pid: int, name: str) -> None:
+        if pid not in warned:
+            warned.add(pid)
+            click.echo(
+                f"{PROG}: {name} (pid {pid}) tries to trace a process that {PROG} traces; a "
+                f"process has one tracer, so run debuggers outside {PROG}",
+                err=True,
+            )
+
+    outcome = launcher.supervise(
+        path, command, plan, code, audit, checks.interval, on_ptrace=explain_ptrace
+    )
+    for warning in outcome.warnings:
+        click.echo(f"{PROG}: {warning}", err=True)
+    failed = False
+    if audit is not None:
+        lines = audit.summary()
+        if audit.violations() or not quiet:
+            for line in lines:
+                click.echo(f"{PROG}: {line}", err=True)
+        missing = audit.missing(checks.expect_used)
+        if missing:
+            click.echo(
+                f"{PROG}: audit: no use of {', '.join(missing)} was seen",
+                err=True,
+            )
+        failed = bool(missing) or (checks.strict and bool(audit.violations()))
     if report:
-        _write_report(report, described, outcome)
+        _write_report(report, described, outcome, audit)
+    if failed and outcome.signal is None and outcome.exit_code == 0:
+        return ExitStatus.HIDDEN_STATE_USED
     return outcome
 
 
-def _write_report(path: str, described: dict[str, Any], outcome: Outcome | None) -> None:
+def _write_report(
+    path: str, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
+) -> None:
     from xcr0run import render
 
     data: dict[str, Any] = {"plan": described}
+    if audit is not None:
+        data["audit"] = audit.to_json()
     if outcome is not None:
         data["run"] = {
             "pid": outcome.pid,
@@ -240,6 +338,10 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail(str(err), err.status)
     except OSError as err:
         _fail(str(err), ExitStatus.FAILURE)
+    except Exception as err:  # a bug of ours: one line, not a traceback, unless debugging
+        if os.environ.get("XCR0RUN_DEBUG"):
+            raise
+        _fail(f"internal error: {err!r} (set XCR0RUN_DEBUG=1 for details)", ExitStatus.FAILURE)
     if isinstance(result, Outcome):
         _die_like(result)
     sys.exit(result or 0)

@@ -8,10 +8,12 @@ import errno
 import os
 import shutil
 import signal
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from xcr0run import _native, host, isalevel
+from xcr0run.audit import AuditLog
 from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
 from xcr0run.plan import Plan
 from xcr0run.supervisor import Outcome, Supervisor
@@ -100,10 +102,16 @@ def _rank(level: str) -> int:
     return isalevel.LEVEL_NAMES.index(level)
 
 
-def _prepare_child(plan: Plan, xcr0_prctl: int) -> None:
-    """In the process about to exec: AMX filter, XCR0, default signal dispositions."""
-    if plan.deny_amx:
-        _native.deny_arch_prctl_code(_native.ARCH_REQ_XCOMP_PERM)
+def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
+    """In the process about to exec: seccomp filter, XCR0, default signal dispositions."""
+    # Under supervision, ptrace calls stop for us first so we can explain their failure;
+    # only as root, since without CAP_SYS_ADMIN a filter needs no_new_privs, which would
+    # take setuid programs their privileges.
+    explain_ptrace = supervised and os.geteuid() == 0
+    if plan.deny_amx or explain_ptrace:
+        _native.install_filter(
+            _native.ARCH_REQ_XCOMP_PERM if plan.deny_amx else None, explain_ptrace
+        )
     if plan.set_xcr0:
         to_init = plan.view.host_xcr0 & ~plan.mask & ~0b11
         result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
@@ -119,7 +127,7 @@ def _prepare_child(plan: Plan, xcr0_prctl: int) -> None:
 def exec_direct(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> None:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
     try:
-        _prepare_child(plan, xcr0_prctl)
+        _prepare_child(plan, xcr0_prctl, supervised=False)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
@@ -133,15 +141,23 @@ def _exec_error(name: str, err: int) -> CommandError:
     return CommandError(f"failed to run command '{name}': {os.strerror(err)}", status)
 
 
-def supervise(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> Outcome:
-    """Run the program under the CPUID-faulting supervisor and wait for its tree."""
+def supervise(
+    path: str,
+    argv: Sequence[str],
+    plan: Plan,
+    xcr0_prctl: int,
+    audit: AuditLog | None = None,
+    audit_interval: float | None = None,
+    on_ptrace: Callable[[int, str], None] | None = None,
+) -> Outcome:
+    """Run the program under the supervisor and wait for its whole tree."""
     report_r, report_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:  # child: set up, wait to be seized, exec
         os.close(report_r)
         try:
             try:
-                _prepare_child(plan, xcr0_prctl)
+                _prepare_child(plan, xcr0_prctl, supervised=True)
             except OSError as err:
                 os.write(report_w, f"setup:{err}".encode())
                 os._exit(ExitStatus.FAILURE)
@@ -154,15 +170,32 @@ def supervise(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> Ou
         finally:
             os._exit(ExitStatus.FAILURE)
     os.close(report_w)
-    supervisor = Supervisor(plan.view, on_group_stop=_stop_with_program)
+    supervisor = Supervisor(
+        plan.view,
+        trap_cpuid=plan.trap_cpuid,
+        grant_amx=plan.grant_amx,
+        audit=audit,
+        on_group_stop=_stop_with_program,
+        on_ptrace=on_ptrace,
+    )
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _GROUP_SIGNALS}
     previous.update(
         {sig: signal.signal(sig, lambda s, _f: supervisor.forward_signal(s)) for sig in _FORWARDED}
     )
+    ticker = None
+    if audit is not None and audit_interval:
+        previous[_SAMPLE_SIGNAL] = signal.signal(
+            _SAMPLE_SIGNAL, lambda _s, _f: supervisor.interrupt_all()
+        )
+        ticker = _Ticker(audit_interval)
     try:
         supervisor.attach_stopped_child(pid)
+        if ticker:
+            ticker.start()
         outcome = supervisor.run()
     finally:
+        if ticker:
+            ticker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     report = os.read(report_r, 512).decode(errors="replace")
@@ -173,6 +206,26 @@ def supervise(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> Ou
     if kind == "exec":
         raise _exec_error(argv[0], int(detail))
     return outcome
+
+
+# Periodic samples: a thread wakes the supervisor (blocked in waitpid) with a signal
+# whose default action is to ignore it, aimed at the main thread, the tracer.
+_SAMPLE_SIGNAL = signal.SIGURG
+
+
+class _Ticker(threading.Thread):
+    def __init__(self, interval: float) -> None:
+        super().__init__(daemon=True, name="xcr0run-audit")
+        self.interval = interval
+        self.main = threading.main_thread().ident or 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            signal.pthread_kill(self.main, _SAMPLE_SIGNAL)
+
+    def stop(self) -> None:
+        self.done.set()
 
 
 def _stop_with_program() -> None:

@@ -109,6 +109,23 @@ def parse_mask(text: str, host: int, supported: int | None = None) -> int:
     return mask
 
 
+def parse_components(text: str) -> list[tuple[str, int]]:
+    """Items named as in a mask ("avx512", "avx,amx", "0xe0") with their bits, without
+    the XCR0 rules: for options that name state rather than an XCR0 value."""
+    words = tokens(text)
+    if not words:
+        raise MaskError("no components given")
+    items = []
+    for word in words:
+        if _HEX.match(word):
+            items.append((word, int(word, 16)))
+        elif word in xsave.NAMES:
+            items.append((word, xsave.NAMES[word]))
+        else:
+            raise _unknown(word)
+    return items
+
+
 def format_mask(mask: int) -> str:
     """The canonical spelling of `mask`: components in bit order, groups collapsed."""
     words: list[str] = []

@@ -38,6 +38,11 @@ class Plan:
     trap_cpuid: bool  # supervise with CPUID faulting
     deny_amx: bool  # make ARCH_REQ_XCOMP_PERM fail for the whole program tree
     view: CpuidView
+    grant_amx: bool = False  # request AMX permission in every new program image
+
+    @property
+    def supervised(self) -> bool:
+        return self.trap_cpuid or self.grant_amx
 
     @property
     def mechanism(self) -> str:
@@ -60,6 +65,8 @@ class Plan:
     def enforced(self) -> list[str]:
         if self.deny_amx:
             return ["AMX: permission requests (ARCH_REQ_XCOMP_PERM) fail, tile use raises SIGILL"]
+        if self.grant_amx:
+            return ["AMX: permission granted in every program image (--grant-amx)"]
         return []
 
 
@@ -68,13 +75,18 @@ def make_plan(
     caps: Capabilities,
     method: Method = Method.AUTO,
     extra_hidden: Iterable[str] = (),
+    grant_amx: bool = False,
 ) -> Plan:
     """Choose mechanisms for `mask`, or raise UnsupportedError saying what is missing."""
     extra = tuple(extra_hidden)
     amx = xsave.NAMES["amx"]
     deny_amx = caps.amx_supported and bool(caps.xcr0 & amx) and not mask & amx
+    if grant_amx and not caps.amx_supported:
+        raise UnsupportedError("--grant-amx: this CPU and kernel have no AMX")
+    if grant_amx and not mask & amx:
+        raise UnsupportedError("--grant-amx: the mask hides AMX")
     if mask == caps.xcr0 and not extra and method is Method.AUTO:
-        return Plan(mask, False, False, False, CpuidView.build(mask, caps.xcr0))
+        return Plan(mask, False, False, False, CpuidView.build(mask, caps.xcr0), grant_amx)
     want_kernel = method in (Method.AUTO, Method.KERNEL) and mask != caps.xcr0
     if method is Method.KERNEL and not caps.set_xcr0:
         raise UnsupportedError(f"--method kernel: {caps.set_xcr0_detail}")
@@ -87,4 +99,5 @@ def make_plan(
             "cannot present this mask here: no CPUID faulting "
             f"({caps.faulting_detail}) and {caps.set_xcr0_detail}"
         )
-    return Plan(mask, set_xcr0, trap, deny_amx, CpuidView.build(mask, caps.xcr0, set_xcr0, extra))
+    view = CpuidView.build(mask, caps.xcr0, set_xcr0, extra)
+    return Plan(mask, set_xcr0, trap, deny_amx, view, grant_amx)

@@ -13,6 +13,7 @@ Speaks to the kernel only through _native. Never prints; returns an Outcome.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import signal
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xcr0run import _native as n
+from xcr0run.audit import AuditLog
 from xcr0run.cpuid import PER_CPU_LEAVES, Registers, key
 from xcr0run.view import CpuidView
 
@@ -35,8 +37,13 @@ _OPTIONS = (
     | n.PTRACE_O_TRACEVFORK
     | n.PTRACE_O_TRACECLONE
     | n.PTRACE_O_TRACEEXEC
+    | n.PTRACE_O_TRACESECCOMP  # the filter's ptrace stops (see Supervisor.on_ptrace)
     | n.PTRACE_O_EXITKILL  # if we die, nothing keeps running with nobody to answer
 )
+# The XSAVE legacy area and header: all the audit reads of a thread's state.
+_XSTATE_HEAD = 576
+_XFEATURE_TILEDATA = 18
+_PTRACE_ATTACHING = {n.PTRACE_TRACEME, n.PTRACE_ATTACH, n.PTRACE_SEIZE}
 
 
 class Phase(enum.Enum):
@@ -54,6 +61,8 @@ class Tracee:
     phase: Phase = Phase.RUNNING
     saved_regs: n.UserRegs | None = None
     saved_word: int = 0
+    names: tuple[str, str] | None = None  # comm and exe, read at the first audit sample
+    pending: list[tuple[int, int, bool]] = field(default_factory=list)  # calls to inject
 
 
 @dataclass
@@ -70,6 +79,7 @@ class Outcome:
     cpuid_traps: int = 0
     exec_error: int | None = None  # errno when the command itself could not be executed
     leaves: dict[str, int] = field(default_factory=dict)  # "leaf.subleaf" -> traps
+    warnings: list[str] = field(default_factory=list)
 
 
 class SupervisorError(Exception):
@@ -77,15 +87,23 @@ class SupervisorError(Exception):
 
 
 class Supervisor:
-    """Supervises one program started with `spawn` under `view`."""
+    """Supervises one program tree: answers CPUID from `view` when `trap_cpuid`, and
+    samples each stopped thread's XSAVE state into `audit` when given."""
 
     def __init__(
         self,
         view: CpuidView,
+        *,
+        trap_cpuid: bool = True,
+        audit: AuditLog | None = None,
         native_cpuid: Callable[[int, int], Registers] = n.cpuid,
         on_group_stop: Callable[[], None] | None = None,
+        on_ptrace: Callable[[int, str], None] | None = None,
+        grant_amx: bool = False,
     ) -> None:
         self.view = view
+        self.trap_cpuid = trap_cpuid
+        self.audit = audit
         self._native_cpuid = native_cpuid
         self._answers: dict[tuple[int, int], Registers] = {}
         self._per_cpu: dict[tuple[int, int, int], Registers] = {}
@@ -93,6 +111,15 @@ class Supervisor:
         self._regs = n.UserRegs()
         self._siginfo = n.SigInfo()
         self._on_group_stop = on_group_stop
+        self._on_ptrace = on_ptrace  # (pid, program name): a traced program tried to trace
+        self._options = _OPTIONS | (n.PTRACE_O_TRACEEXIT if audit else 0)
+        # arch_prctl calls every new program image needs, since execve resets both:
+        # (code, argument, required).
+        self._after_exec: list[tuple[int, int, bool]] = []
+        if trap_cpuid:
+            self._after_exec.append((n.ARCH_SET_CPUID, 0, True))
+        if grant_amx:
+            self._after_exec.append((n.ARCH_REQ_XCOMP_PERM, _XFEATURE_TILEDATA, False))
         self.outcome = Outcome(pid=0)
 
     # -- starting ---------------------------------------------------------------------------
@@ -102,7 +129,7 @@ class Supervisor:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
             raise SupervisorError(f"child {pid} ended before it could be traced")
-        n.ptrace_seize(pid, _OPTIONS)
+        n.ptrace_seize(pid, self._options)
         self.outcome = Outcome(pid=pid, processes=1, threads=1)
         self._tracees[pid] = Tracee(pid, pid, Phase.NEW)
         os.kill(pid, signal.SIGCONT)
@@ -121,6 +148,12 @@ class Supervisor:
             else:
                 self._gone(tid, status)
         return self.outcome
+
+    def interrupt_all(self) -> None:
+        """Stop every thread briefly (PTRACE_INTERRUPT), for a periodic audit sample."""
+        for tid in list(self._tracees):
+            with contextlib.suppress(n.NativeError):  # exiting meanwhile
+                n.ptrace_interrupt(tid)
 
     def forward_signal(self, sig: int) -> None:
         """Pass a signal sent to xcr0run on to the program."""
@@ -144,8 +177,10 @@ class Supervisor:
         if tracee is None:
             # A new child's first stop can arrive before its parent's fork event.
             tracee = self._tracees[tid] = Tracee(tid, tid, Phase.NEW)
+        if self.audit is not None and self.outcome.execs and sig != (signal.SIGTRAP | 0x80):
+            self._sample(tracee)  # from the first exec on: before it, the thread is ours
         if sig == signal.SIGSEGV and event == 0:
-            if tracee.phase is Phase.RUNNING and self._emulate_cpuid(tid):
+            if self.trap_cpuid and tracee.phase is Phase.RUNNING and self._emulate_cpuid(tid):
                 return
             self._resume(tracee, sig)
         elif sig == (signal.SIGTRAP | 0x80):
@@ -192,9 +227,16 @@ class Supervisor:
             if former != tid:
                 self._tracees.pop(former, None)
             tracee.tgid = tid
-            tracee.phase = Phase.EXECED
+            tracee.names = None
             self.outcome.execs += 1
-            n.ptrace_syscall(tid)
+            if self._after_exec:
+                tracee.phase = Phase.EXECED  # set the new image up once execve returns
+                n.ptrace_syscall(tid)
+            else:
+                self._resume(tracee)
+        elif event == n.PTRACE_EVENT_SECCOMP:
+            self._ptrace_attempt(tracee)
+            self._resume(tracee)
         elif event == n.PTRACE_EVENT_STOP:
             if tracee.phase is Phase.NEW:
                 tracee.phase = Phase.RUNNING
@@ -209,48 +251,94 @@ class Supervisor:
         else:
             self._resume(tracee)
 
-    # -- re-arming faulting after exec ------------------------------------------------------------
+    # -- audit ---------------------------------------------------------------------------------
+
+    def _sample(self, tracee: Tracee) -> None:
+        assert self.audit is not None
+        try:
+            head = n.ptrace_getregset(tracee.tid, n.NT_X86_XSTATE, _XSTATE_HEAD)
+        except n.NativeError:
+            return  # not in a ptrace-stop we can read (e.g. already gone)
+        if tracee.names is None:
+            tracee.names = _names(tracee.tid, tracee.tgid)
+        _, xstate_bv = n.xstate_header(head)
+        self.audit.note(tracee.tid, tracee.tgid, xstate_bv, *tracee.names)
+
+    def _ptrace_attempt(self, tracee: Tracee) -> None:
+        """A traced program called ptrace (the filter stopped it): say why attaching to
+        its own children, or PTRACE_TRACEME, is going to fail."""
+        regs = n.ptrace_getregs(tracee.tid, self._regs)
+        request, target = regs.rdi, regs.rsi
+        if (
+            self._on_ptrace
+            and request in _PTRACE_ATTACHING
+            and (request == n.PTRACE_TRACEME or target in self._tracees)
+        ):
+            self._on_ptrace(tracee.tgid, _names(tracee.tid, tracee.tgid)[0])
+
+    # -- setting up each new program image ----------------------------------------------------
 
     def _syscall_stop(self, tracee: Tracee) -> None:
         tid = tracee.tid
         regs = n.ptrace_getregs(tid, self._regs)
         if tracee.phase is Phase.EXECED:
-            self._inject_arch_prctl(tracee, regs)
+            # execve has returned into the new image, whose first instruction has not run.
+            tracee.saved_regs = n.UserRegs.from_buffer_copy(regs)
+            tracee.saved_word = n.ptrace_peek(tid, regs.rip)
+            tracee.pending = list(self._after_exec)
+            self._inject_next(tracee, regs)
         elif tracee.phase is Phase.INJECT_ENTER:
             tracee.phase = Phase.INJECT_EXIT
             n.ptrace_syscall(tid)
         elif tracee.phase is Phase.INJECT_EXIT:
             result = regs.rax if regs.rax < 1 << 63 else regs.rax - (1 << 64)
-            assert tracee.saved_regs is not None
-            n.ptrace_poke(tid, tracee.saved_regs.rip, tracee.saved_word)
-            n.ptrace_setregs(tid, tracee.saved_regs)
+            call = tracee.pending.pop(0)
+            if result != 0:
+                self._injection_failed(tracee, call, result)
+            if tracee.pending:
+                self._inject_next(tracee, regs)
+                return
+            saved = tracee.saved_regs
+            assert saved is not None
+            n.ptrace_poke(tid, saved.rip, tracee.saved_word)
+            n.ptrace_setregs(tid, saved)
             tracee.saved_regs = None
             tracee.phase = Phase.RUNNING
-            if result != 0:
-                os.kill(tid, signal.SIGKILL)
-                raise SupervisorError(
-                    f"could not enable CPUID faulting in pid {tid}: {os.strerror(-result)}"
-                )
             n.ptrace_cont(tid)
         else:
             n.ptrace_cont(tid)  # a syscall stop we did not ask for
 
-    def _inject_arch_prctl(self, tracee: Tracee, regs: n.UserRegs) -> None:
-        tid = tracee.tid
-        saved = n.UserRegs.from_buffer_copy(regs)
-        word = n.ptrace_peek(tid, regs.rip)
-        if regs.cs == _USER32_CS:
+    def _inject_next(self, tracee: Tracee, regs: n.UserRegs) -> None:
+        """Run arch_prctl(code, arg) in the tracee: a `syscall` (int 0x80 for 32-bit code)
+        placed at the saved RIP, restored once every pending call has run."""
+        code, arg, _ = tracee.pending[0]
+        saved = tracee.saved_regs
+        assert saved is not None
+        if saved.cs == _USER32_CS:
             insn, number, a0, a1 = _INT80_BYTES, _SYS_ARCH_PRCTL_32, "rbx", "rcx"
         else:
             insn, number, a0, a1 = _SYSCALL_BYTES, n.SYS_arch_prctl, "rdi", "rsi"
-        n.ptrace_poke(tid, regs.rip, (word & ~0xFFFF) | insn)
-        regs.rax = number
-        setattr(regs, a0, n.ARCH_SET_CPUID)
-        setattr(regs, a1, 0)
-        n.ptrace_setregs(tid, regs)
-        tracee.saved_regs, tracee.saved_word = saved, word
+        n.ptrace_poke(tracee.tid, saved.rip, (tracee.saved_word & ~0xFFFF) | insn)
+        regs_in = n.UserRegs.from_buffer_copy(saved)
+        regs_in.rax = number
+        setattr(regs_in, a0, code)
+        setattr(regs_in, a1, arg)
+        n.ptrace_setregs(tracee.tid, regs_in)
         tracee.phase = Phase.INJECT_ENTER
-        n.ptrace_syscall(tid)
+        n.ptrace_syscall(tracee.tid)
+
+    def _injection_failed(self, tracee: Tracee, call: tuple[int, int, bool], result: int) -> None:
+        code, arg, required = call
+        what = (
+            "enable CPUID faulting"
+            if code == n.ARCH_SET_CPUID
+            else f"run arch_prctl({code:#x}, {arg})"
+        )
+        message = f"could not {what} in pid {tracee.tid}: {os.strerror(-result)}"
+        if required:
+            os.kill(tracee.tid, signal.SIGKILL)
+            raise SupervisorError(message)
+        self.outcome.warnings.append(message)
 
     # -- the CPUID trap ----------------------------------------------------------------------------
 
@@ -286,6 +374,20 @@ class Supervisor:
             raw = self._native_cpuid(leaf, subleaf)
             cached = self._answers[k] = self.view.answer(leaf, subleaf, raw)
         return cached
+
+
+def _names(tid: int, tgid: int) -> tuple[str, str]:
+    """A thread's comm and its process's executable, for reports."""
+    try:
+        with open(f"/proc/{tid}/comm") as f:
+            comm = f.read().strip()
+    except OSError:
+        comm = "?"
+    try:
+        exe = os.readlink(f"/proc/{tgid}/exe")
+    except OSError:
+        exe = "?"
+    return comm, exe
 
 
 def _current_cpu(tid: int) -> int:

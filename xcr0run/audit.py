@@ -1,0 +1,96 @@
+"""The audit: which threads were seen with which XSAVE components in use.
+
+The supervisor samples each stopped thread's XSTATE_BV (NT_X86_XSTATE header) and
+notes it here. A component counts as used by a thread once any sample had its bit set.
+Pure module: the samples come in as numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from xcr0run.masks import format_mask
+
+LIMITS = (
+    "samples are taken when a thread stops (CPUID traps, exec, clone, signals, exit and "
+    "any --audit-interval); state back in its initial configuration by then (for example "
+    "after vzeroupper) is not seen"
+)
+
+
+@dataclass
+class ThreadUse:
+    tid: int
+    pid: int
+    comm: str
+    exe: str
+    seen: int = 0  # union of XSTATE_BV over all samples
+    samples: int = 0
+
+    def to_json(self, hidden: int) -> dict[str, Any]:
+        return {
+            "tid": self.tid,
+            "pid": self.pid,
+            "comm": self.comm,
+            "exe": self.exe,
+            "seen": format_mask(self.seen) if self.seen else "",
+            "hidden_used": format_mask(self.seen & hidden) if self.seen & hidden else "",
+            "samples": self.samples,
+        }
+
+
+@dataclass
+class AuditLog:
+    hidden: int  # components the mask hides
+    # Keyed by thread and program: a thread that execs is a new program to account for.
+    threads: dict[tuple[int, str], ThreadUse] = field(default_factory=dict)
+
+    def note(self, tid: int, pid: int, xstate_bv: int, comm: str, exe: str) -> None:
+        use = self.threads.get((tid, exe))
+        if use is None:
+            use = self.threads[(tid, exe)] = ThreadUse(tid, pid, comm, exe)
+        use.seen |= xstate_bv
+        use.samples += 1
+
+    @property
+    def used(self) -> int:
+        seen = 0
+        for use in self.threads.values():
+            seen |= use.seen
+        return seen
+
+    def violations(self) -> list[ThreadUse]:
+        return [u for u in self.threads.values() if u.seen & self.hidden]
+
+    def missing(self, expected: list[tuple[str, int]]) -> list[str]:
+        """The expected items (a component or a group) none of whose state was seen."""
+        used = self.used
+        return [name for name, bits in expected if not used & bits]
+
+    def summary(self) -> list[str]:
+        """Lines for stderr at exit: the threads that used hidden state, or that none did."""
+        if not self.hidden:
+            return []
+        bad = self.violations()
+        if not bad:
+            return [f"audit: no hidden state seen in {self.samples()} samples", f"audit: {LIMITS}"]
+        lines = [
+            f"audit: pid {u.pid} tid {u.tid} ({u.comm}, {u.exe}) used hidden "
+            f"{format_mask(u.seen & self.hidden)}"
+            for u in bad
+        ]
+        return [*lines, f"audit: {LIMITS}"]
+
+    def samples(self) -> int:
+        return sum(u.samples for u in self.threads.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hidden": format_mask(self.hidden) if self.hidden else "",
+            "used": format_mask(self.used) if self.used else "",
+            "samples": self.samples(),
+            "violations": [u.to_json(self.hidden) for u in self.violations()],
+            "threads": [u.to_json(self.hidden) for u in self.threads.values()],
+            "limits": LIMITS,
+        }
