@@ -254,3 +254,18 @@ def test_banner_says_how_and_what_not(view_prog) -> None:
         pytest.skip("nothing to hide on this CPU")
     assert "xcr0run: cpuid: hardware XCR0 unchanged" in result.stderr
     assert "not hidden: xgetbv(0) still returns" in result.stderr
+
+
+def test_audit_catches_hidden_state_used_anyway(cbuild) -> None:
+    """A program that uses vector state without asking CPUID is caught, and attributed."""
+    if not HAS_AVX:
+        pytest.skip("this CPU has no AVX")
+    kind, mask = ("zmm", "no-avx512") if HAS_AVX512 else ("avx", "x87,sse")
+    touch = cbuild("touch.c", "-pthread", "-mavx512f" if HAS_AVX512 else "-mavx")
+    result = xcr0run(["-q", "--strict", "-m", mask, "--", touch, kind, "0"])
+    toucher = result.stdout.split()[0].split("=")[1]
+    assert result.returncode == 124
+    assert f"tid {toucher} (touch" in result.stderr and "used hidden" in result.stderr
+    clean = xcr0run(["--strict", "-m", mask, "--", touch, "sse", "0"])
+    assert clean.returncode == 0
+    assert "audit: no hidden state seen" in clean.stderr

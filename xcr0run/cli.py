@@ -103,6 +103,9 @@ class PrctlCode(click.ParamType):
 @click.option("--show", is_flag=True, help="Show this thread's XCR0 and what the kernel offers.")
 @click.option("--json", "as_json", is_flag=True, help="With --show: print JSON.")
 @click.option(
+    "-p", "--pid", type=click.IntRange(min=1), help="With --show: another process, per thread."
+)
+@click.option(
     "--method",
     type=click.Choice([m.value for m in Method]),
     default=Method.AUTO.value,
@@ -149,6 +152,7 @@ def cli(
     mask: tuple[str, int] | None,
     show: bool,
     as_json: bool,
+    pid: int | None,
     method: str,
     quiet: bool,
     report: str | None,
@@ -167,7 +171,13 @@ def cli(
     if show:
         if command:
             raise click.UsageError("--show takes no command")
+        if pid is not None:
+            if mask is not None:
+                raise click.UsageError("--pid and --mask do not go together")
+            return _show_process(pid, as_json)
         return _show(mask, Method(method), code, as_json)
+    if pid is not None:
+        raise click.UsageError("--pid goes with --show")
     if as_json:
         raise click.UsageError("--json goes with --show")
     if not command:
@@ -204,6 +214,17 @@ class AuditChoice:
         if self.enabled is False:
             return False
         return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
+
+
+def _show_process(pid: int, as_json: bool) -> int:
+    from xcr0run import render
+
+    data = inspect.process_report(pid)
+    if as_json:
+        click.echo(render.to_json(data))
+    else:
+        render.show_process(data, sys.stdout)
+    return 0
 
 
 def _run(

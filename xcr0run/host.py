@@ -4,6 +4,7 @@ permissions, and whether an ARCH_SET_XCR0 exists. System layer over _native.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from dataclasses import dataclass
@@ -146,3 +147,77 @@ def _describe_probe(code: int, result: int) -> str:
         what = " (ARCH_GET_XCOMP_SUPP)" if code == _native.ARCH_GET_XCOMP_SUPP else ""
         return f"no ARCH_SET_XCR0: code {code:#x} is a getter here{what}"
     return f"no ARCH_SET_XCR0 at code {code:#x}: {os.strerror(err)}"
+
+
+# -- another process ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ThreadState:
+    tid: int
+    comm: str
+    xcr0: int | None
+    xstate_bv: int | None
+    error: str | None = None
+
+
+def _status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    return ""
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def process_identity(pid: int) -> tuple[str, str, int]:
+    """(comm, exe, tracer pid) of a process; OSError if it does not exist."""
+    comm = _comm(pid)
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = "?"
+    return comm, exe, int(_status_field(pid, "TracerPid") or 0)
+
+
+def command_line(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def thread_states(pid: int) -> list[ThreadState]:
+    """Each thread's XCR0 and in-use components, read through ptrace (NT_X86_XSTATE).
+
+    Each thread is seized, interrupted, read and detached in turn: it is stopped for
+    the length of one register read and left as it was.
+    """
+    states = []
+    for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
+        tid = int(name)
+        try:
+            _native.ptrace_seize(tid, 0)
+        except _native.NativeError as err:
+            states.append(ThreadState(tid, _comm(tid), None, None, os.strerror(err.errno)))
+            continue
+        try:
+            _native.ptrace_interrupt(tid)
+            os.waitpid(tid, _native.WALL)
+            head = _native.ptrace_getregset(tid, _native.NT_X86_XSTATE, 576)
+            xcr0_value, xstate_bv = _native.xstate_header(head)
+            states.append(ThreadState(tid, _comm(tid), xcr0_value, xstate_bv))
+        except (_native.NativeError, ChildProcessError) as err:
+            states.append(ThreadState(tid, _comm(tid), None, None, str(err)))
+        finally:
+            with contextlib.suppress(_native.NativeError):
+                _native.ptrace_detach(tid)
+    return states

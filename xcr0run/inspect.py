@@ -11,7 +11,8 @@ from typing import Any
 
 from xcr0run import host, xsave
 from xcr0run.cpuid import CpuidTable
-from xcr0run.errors import UnsupportedError
+from xcr0run.errors import UnsupportedError, Xcr0runError
+from xcr0run.masks import format_mask
 from xcr0run.plan import Capabilities, Method, Plan, make_plan
 from xcr0run.view import CpuidView, psabi_level
 
@@ -199,3 +200,37 @@ def describe_mask(
         described = describe_plan(unplanned, mask_text, table)
         described.update(mechanism="unavailable", how=str(err))
         return described
+
+
+def process_report(pid: int) -> dict[str, Any]:
+    """Another process's XCR0 and in-use components per thread, for --show -p."""
+    try:
+        comm, exe, tracer = host.process_identity(pid)
+    except FileNotFoundError as err:
+        raise Xcr0runError(f"no process with pid {pid}") from err
+    tracer_cmd = host.command_line(tracer) if tracer else []
+    under = any("xcr0run" in arg for arg in tracer_cmd[:3])
+    threads = host.thread_states(pid)
+    if all(t.error for t in threads) and not under:
+        why = threads[0].error if threads else "no threads"
+        held = f" (traced by pid {tracer}: {' '.join(tracer_cmd[:4])})" if tracer else ""
+        raise Xcr0runError(f"cannot read the XSAVE state of pid {pid}: {why}{held}")
+    return {
+        "pid": pid,
+        "comm": comm,
+        "exe": exe,
+        "tracer": tracer or None,
+        "under_xcr0run": under,
+        "threads": [
+            {
+                "tid": t.tid,
+                "comm": t.comm,
+                "xcr0": None if t.xcr0 is None else f"{t.xcr0:#x}",
+                "xcr0_decoded": None if t.xcr0 is None else format_mask(t.xcr0),
+                "in_use": None if t.xstate_bv is None else f"{t.xstate_bv:#x}",
+                "in_use_decoded": None if t.xstate_bv is None else format_mask(t.xstate_bv),
+                "error": t.error,
+            }
+            for t in threads
+        ],
+    }

@@ -128,3 +128,29 @@ def show(report: ShowReport, out: IO[str]) -> None:
             console.print(f"  enforced    {line}")
         for line in plan["limits"]:
             console.print(f"  not hidden  {line}")
+
+
+def show_process(data: dict[str, Any], out: IO[str]) -> None:
+    """Human --show -p output: one line per thread."""
+    from rich.console import Console
+    from rich.table import Table
+
+    width = None if out.isatty() else 100
+    console = Console(file=out, highlight=False, soft_wrap=False, width=width)
+    under = "  [bold]under xcr0run[/bold]" if data["under_xcr0run"] else ""
+    tracer = f", traced by pid {data['tracer']}" if data["tracer"] else ""
+    console.print(f"[bold]pid {data['pid']}[/bold] {data['comm']} ({data['exe']}{tracer}){under}")
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for column in ("tid", "comm", "XCR0", "in use"):
+        table.add_column(column)
+    for t in data["threads"]:
+        if t["error"]:
+            table.add_row(str(t["tid"]), t["comm"], f"unreadable: {t['error']}", "")
+        else:
+            table.add_row(
+                str(t["tid"]),
+                t["comm"],
+                f"{t['xcr0']} ({t['xcr0_decoded']})",
+                f"{t['in_use']} ({t['in_use_decoded'] or 'none'})",
+            )
+    console.print(table)
