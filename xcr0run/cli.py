@@ -40,9 +40,10 @@ Examples:
   {PROG} --report run.json -m -avx -- ./bench
 
 \b
-Exit status: the command's own; 125 if {PROG} itself fails, 126 if the command
-cannot be executed, 127 if it is not found. A command killed by a signal makes
-{PROG} die of the same signal.
+Exit status: the command's own; 124 if the audit failed (--strict,
+--expect-used); 125 if {PROG} itself fails; 126 if the command cannot be
+executed; 127 if it is not found. A command killed by a signal makes {PROG}
+die of the same signal.
 """
 
 
@@ -81,6 +82,14 @@ class ComponentsParam(click.ParamType):
         except MaskError as err:
             self.fail(str(err), param, ctx)
 
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        return [
+            CompletionItem(value, help=text)
+            for value, text in masks.complete(incomplete, host.xcr0(), presets=False)
+        ]
+
 
 class PrctlCode(click.ParamType):
     name = "CODE"
@@ -103,7 +112,11 @@ class PrctlCode(click.ParamType):
 @click.option("--show", is_flag=True, help="Show this thread's XCR0 and what the kernel offers.")
 @click.option("--json", "as_json", is_flag=True, help="With --show: print JSON.")
 @click.option(
-    "-p", "--pid", type=click.IntRange(min=1), help="With --show: another process, per thread."
+    "-p",
+    "--pid",
+    type=click.IntRange(min=1),
+    metavar="PID",
+    help="With --show: another process, per thread.",
 )
 @click.option(
     "--method",

@@ -146,7 +146,9 @@ def format_mask(mask: int) -> str:
     return ",".join(words) if words else "0x0"
 
 
-def complete(incomplete: str, host: int | None = None) -> list[tuple[str, str]]:
+def complete(
+    incomplete: str, host: int | None = None, presets: bool = True
+) -> list[tuple[str, str]]:
     """Completions for a partly typed mask: (full value, description) pairs."""
     head, _, last = incomplete.rpartition(",")
     prefix = f"{head}," if head else ""
@@ -154,7 +156,7 @@ def complete(incomplete: str, host: int | None = None) -> list[tuple[str, str]]:
     stem = last[len(sign) :]
     already = set(tokens(head))
     out: list[tuple[str, str]] = []
-    if not head and not sign:
+    if presets and not head and not sign:
         out += [(p.name, p.description) for p in PRESETS.values() if p.name.startswith(stem)]
     for c in xsave.COMPONENTS:
         if c.scope is not xsave.Scope.USER or (host is not None and not host & c.bit):
