@@ -109,7 +109,7 @@ def fish(env: dict[str, str], line: str) -> list[str]:
 def test_bash_completes_the_mask_language(env) -> None:
     assert bash(env, "xcr0run", "--mask", "x87,s") == ["x87,sse"]
     assert set(bash(env, "xcr0run", "-m", "no-a")) >= {"no-avx", "no-avx512"}
-    assert bash(env, "xcr0run", "--method", "") == ["auto", "kernel", "cpuid"]
+    assert bash(env, "xcr0run", "--method", "") == ["auto", "kernel", "cpuid", "env"]
     assert "--mask" in bash(env, "xcr0run", "--ma")
 
 
@@ -133,4 +133,4 @@ def test_fish_completes_the_mask_and_hands_over(env) -> None:
     assert {"no-avx", "no-avx512"} <= set(fish(env, "xcr0run -m no-a"))
     assert "echo" in fish(env, "xcr0run -m host -- ech")
     assert "--color" in fish(env, "xcr0run -m host ls --colo")
-    assert fish(env, "xcr0run --method ") == ["auto", "cpuid", "kernel"]
+    assert fish(env, "xcr0run --method ") == ["auto", "cpuid", "env", "kernel"]

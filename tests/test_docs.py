@@ -74,6 +74,7 @@ def test_wheel_installs_man_page_and_completions(tmp_path) -> None:
     )
     (wheel,) = tmp_path.glob("xcr0run-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert "xcr0run/profiles/haswell.json" in names
     data = "xcr0run-0.1.0.data/data/share/"
     for path in (
         "man/man1/xcr0run.1",

@@ -18,9 +18,12 @@ if TYPE_CHECKING:
     from xcr0run.audit import AuditLog
 
 from xcr0run import __version__, host, inspect, masks
+from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
-from xcr0run.plan import Method, make_plan
+from xcr0run.plan import Method, ViewSpec, shape_view
+from xcr0run.profiles import CpuidProfile
 from xcr0run.supervisor import Outcome
+from xcr0run.view import LEVELS
 
 PROG = "xcr0run"
 
@@ -91,6 +94,27 @@ class ComponentsParam(click.ParamType):
         ]
 
 
+class ProfileParam(click.ParamType):
+    """A --profile value: a file (xcr0run dump, SDE cpuid file, `cpuid -1 -r`) or the
+    name of a reference profile shipped with xcr0run."""
+
+    name = "PROFILE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, CpuidProfile):
+            return value
+        try:
+            return inspect.load_profile(value)
+        except Xcr0runError as err:
+            self.fail(str(err), param, ctx)
+
+    def shell_complete(
+        self, ctx: click.Context, param: click.Parameter, incomplete: str
+    ) -> list[CompletionItem]:
+        names = [n for n in inspect.reference_profiles() if n.startswith(incomplete)]
+        return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
+
+
 class PrctlCode(click.ParamType):
     name = "CODE"
 
@@ -109,6 +133,20 @@ class PrctlCode(click.ParamType):
     no_args_is_help=False,
 )
 @click.option("-m", "--mask", "mask", type=MaskParam(), help="XSAVE components the program sees.")
+@click.option(
+    "--level",
+    type=click.Choice(LEVELS),
+    help="The view of an x86-64 psABI level: every feature above it hidden.",
+)
+@click.option(
+    "--profile",
+    "profiles",
+    type=ProfileParam(),
+    multiple=True,
+    metavar="FILE|NAME",
+    help="Present another machine's CPUID (a dump or a reference profile); several: "
+    "their common subset.",
+)
 @click.option("--show", is_flag=True, help="Show this thread's XCR0 and what the kernel offers.")
 @click.option("--json", "as_json", is_flag=True, help="With --show: print JSON.")
 @click.option(
@@ -123,7 +161,24 @@ class PrctlCode(click.ParamType):
     type=click.Choice([m.value for m in Method]),
     default=Method.AUTO.value,
     show_default=True,
-    help="kernel: ARCH_SET_XCR0; cpuid: CPUID faulting under ptrace; auto: best available.",
+    help="kernel: ARCH_SET_XCR0; cpuid: CPUID faulting under ptrace; env: library knobs "
+    "only; auto: best available.",
+)
+@click.option(
+    "--env-hints",
+    is_flag=True,
+    help="Also set the knobs libraries read (glibc, NumPy, OpenSSL, MKL, oneDNN, Go, .NET).",
+)
+@click.option(
+    "--dump-cpuid",
+    is_flag=False,
+    flag_value="-",
+    default=None,
+    metavar="[FILE]",
+    help="Write this machine's CPUID table and XCR0 as a JSON profile (stdout: -).",
+)
+@click.option(
+    "--print-rr-flags", is_flag=True, help="Print the `rr record` options for the same view."
 )
 @click.option("-q", "--quiet", is_flag=True, help="Do not print the state before starting.")
 @click.option(
@@ -163,10 +218,15 @@ class PrctlCode(click.ParamType):
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def cli(
     mask: tuple[str, int] | None,
+    level: str | None,
+    profiles: tuple[CpuidProfile, ...],
     show: bool,
     as_json: bool,
     pid: int | None,
     method: str,
+    env_hints: bool,
+    dump_cpuid: str | None,
+    print_rr_flags: bool,
     quiet: bool,
     report: str | None,
     force: bool,
@@ -181,34 +241,96 @@ def cli(
     """Run COMMAND so that it sees only the chosen XSAVE state components and the
     CPU features that depend on them, or show what this thread's XCR0 really is."""
     code = host.xcr0_prctl_code(xcr0_prctl)
+    if dump_cpuid is not None:
+        if command or show:
+            raise click.UsageError("--dump-cpuid takes no command and no --show")
+        return _dump(dump_cpuid)
+    wanted = Wanted(mask, level, profiles, force)
     if show:
         if command:
             raise click.UsageError("--show takes no command")
         if pid is not None:
-            if mask is not None:
-                raise click.UsageError("--pid and --mask do not go together")
+            if wanted.given:
+                raise click.UsageError("--pid does not go with --mask, --level or --profile")
             return _show_process(pid, as_json)
-        return _show(mask, Method(method), code, as_json)
+        return _show(wanted, Method(method), code, as_json, env_hints)
     if pid is not None:
         raise click.UsageError("--pid goes with --show")
     if as_json:
         raise click.UsageError("--json goes with --show")
+    if print_rr_flags:
+        if not wanted.given:
+            raise click.UsageError("--print-rr-flags needs --mask, --level or --profile")
+        return _print_rr_flags(wanted)
     if not command:
         raise click.UsageError("no command given")
-    if mask is None:
-        raise click.UsageError("missing --mask")
+    if not wanted.given:
+        raise click.UsageError("missing --mask (or --level, --profile)")
     checks = AuditChoice(audit, audit_interval, expect_used[1] if expect_used else [], strict)
-    return _run(mask, Method(method), code, command, quiet, report, force, checks, grant_amx)
+    return _run(wanted, Method(method), code, command, quiet, report, checks, grant_amx, env_hints)
 
 
-def _show(mask: tuple[str, int] | None, method: Method, code: int, as_json: bool) -> int:
+@dataclass(frozen=True)
+class Wanted:
+    """The view asked for on the command line."""
+
+    mask: tuple[str, int] | None
+    level: str | None
+    profiles: tuple[CpuidProfile, ...]
+    force: bool
+
+    @property
+    def given(self) -> bool:
+        return self.mask is not None or self.level is not None or bool(self.profiles)
+
+    def shape(self, host_xcr0: int, table: CpuidTable) -> ViewSpec:
+        from xcr0run.profiles import common
+
+        profile = common(self.profiles) if self.profiles else None
+        return shape_view(host_xcr0, table, self.mask, self.level, profile, self.force)
+
+
+def _dump(target: str) -> int:
+    from xcr0run import render
+
+    text = render.to_json(inspect.dump_cpuid()) + "\n"
+    if target == "-":
+        click.echo(text, nl=False)
+        return 0
+    try:
+        with open(target, "w") as f:
+            f.write(text)
+    except OSError as err:
+        raise Xcr0runError(f"cannot write {target}: {err.strerror}") from err
+    return 0
+
+
+def _print_rr_flags(wanted: Wanted) -> int:
+    from xcr0run.view import CpuidView, rr_record_flags
+
+    host_xcr0, table = host.xcr0(), host.cpuid_table()
+    spec = wanted.shape(host_xcr0, table)
+    view = CpuidView.build(spec.mask, host_xcr0, False, spec.extra_hidden)
+    flags, uncovered = rr_record_flags(view, table)
+    click.echo(" ".join(flags))
+    if uncovered:
+        click.echo(
+            f"{PROG}: rr cannot mask these (leaves other than 1, 7.0 and 0xD.1): "
+            f"{' '.join(uncovered)}",
+            err=True,
+        )
+    return 0
+
+
+def _show(wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool) -> int:
     from xcr0run import render
 
     caps = inspect.capabilities(code)
     table = host.cpuid_table()
     report = inspect.gather(caps, code, table)
-    if mask is not None:
-        report.plan = inspect.describe_mask(mask[0], mask[1], caps, method, table)
+    if wanted.given:
+        spec = wanted.shape(caps.xcr0, table)
+        report.plan = inspect.describe_spec(spec, caps, method, table, env_hints)
     if as_json:
         click.echo(render.to_json(report.to_json()))
     else:
@@ -241,15 +363,15 @@ def _show_process(pid: int, as_json: bool) -> int:
 
 
 def _run(
-    mask: tuple[str, int],
+    wanted: Wanted,
     method: Method,
     code: int,
     command: Sequence[str],
     quiet: bool,
     report: str | None,
-    force: bool,
     checks: AuditChoice,
-    grant_amx: bool = False,
+    grant_amx: bool,
+    env_hints: bool,
 ) -> int | Outcome:
     from xcr0run import launcher, render
     from xcr0run.audit import AuditLog
@@ -259,18 +381,21 @@ def _run(
         raise click.UsageError("--no-audit contradicts --expect-used and --strict")
     path = launcher.find_command(command[0])
     caps = inspect.capabilities(code)
-    plan = make_plan(mask[1], caps, method, grant_amx=grant_amx)
     table = host.cpuid_table()
-    if not force:
+    spec = wanted.shape(caps.xcr0, table)
+    plan = inspect.plan_for(spec, caps, method, grant_amx)
+    if not wanted.force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
-    described = inspect.describe_plan(plan, mask[0], table)
+    hints = inspect.env_hints(plan) if env_hints or plan.env_only else []
+    env = {**os.environ, **{h.name: h.value for h in hints}}
+    described = inspect.describe_plan(plan, spec, table, hints)
     if not quiet:
         click.echo(render.banner(described, caps.xcr0), err=True)
     audit = AuditLog(caps.xcr0 & ~plan.mask) if checks.wanted(plan.trap_cpuid) else None
     if not plan.supervised and audit is None:
         if report:
             _write_report(report, described, None, None)
-        launcher.exec_direct(path, command, plan, code)
+        launcher.exec_direct(path, command, plan, code, env)
     warned: set[int] = set()
 
     def explain_ptrace(pid: int, name: str) -> None:
@@ -283,7 +408,7 @@ def _run(
             )
 
     outcome = launcher.supervise(
-        path, command, plan, code, audit, checks.interval, on_ptrace=explain_ptrace
+        path, command, plan, code, env, audit, checks.interval, on_ptrace=explain_ptrace
     )
     for warning in outcome.warnings:
         click.echo(f"{PROG}: {warning}", err=True)

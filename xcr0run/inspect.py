@@ -6,15 +6,19 @@ documented in the README; render.py draws it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from xcr0run import host, xsave
+from xcr0run import envhints, features, host, profiles, xsave
 from xcr0run.cpuid import CpuidTable
+from xcr0run.envhints import EnvHint
 from xcr0run.errors import UnsupportedError, Xcr0runError
 from xcr0run.masks import format_mask
-from xcr0run.plan import Capabilities, Method, Plan, make_plan
-from xcr0run.view import CpuidView, psabi_level
+from xcr0run.plan import Capabilities, Method, Plan, ViewSpec, make_plan
+from xcr0run.profiles import CpuidProfile
+from xcr0run.view import LEVELS, CpuidView, level_restriction, psabi_level
 
 # The legacy region of every XSAVE area (SDM vol. 1, 13.4.1): x87 and SSE state live at
 # fixed places in its first 512 bytes; CPUID leaf 0xD does not report them.
@@ -173,33 +177,105 @@ def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowR
     )
 
 
-def describe_plan(plan: Plan, mask_text: str, table: CpuidTable) -> dict[str, Any]:
-    """What a mask would mean here, for `--show --mask` and the start-up banner."""
+def plan_for(spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool) -> Plan:
+    return make_plan(
+        spec.mask,
+        caps,
+        method,
+        spec.extra_hidden,
+        grant_amx=grant_amx,
+        added=spec.added,
+        identity=spec.identity,
+    )
+
+
+def env_hints(plan: Plan) -> list[EnvHint]:
+    return envhints.env_hints(plan.view.hidden, plan.view.cleared, os.environ)
+
+
+def describe_plan(
+    plan: Plan, spec: ViewSpec, table: CpuidTable, hints: list[EnvHint] | None = None
+) -> dict[str, Any]:
+    """What a view means here, for `--show --mask` and the start-up banner."""
     seen = plan.view.apply(table)
+    limits = plan.view.limits()
+    if plan.env_only:
+        limits = [envhints.LIMITS]
     return {
-        "mask": mask_text,
+        "mask": spec.label,
         "xcr0": f"{plan.mask:#x}",
         "xcr0_decoded": [c.name for c in xsave.components(plan.mask)],
         "mechanism": plan.mechanism,
         "how": plan.describe(),
         "hidden_features": plan.view.hidden_present(table),
+        "added_features": sorted(plan.view.added),
         "psabi_level": psabi_level(seen, plan.mask),
         "enforced": plan.enforced(),
-        "limits": plan.view.limits(),
+        "limits": limits,
+        "env_hints": [f"{h.name}={h.value}" for h in hints or []],
+        "profile": spec.profile,
     }
 
 
-def describe_mask(
-    mask_text: str, mask: int, caps: Capabilities, method: Method, table: CpuidTable
+def describe_spec(
+    spec: ViewSpec, caps: Capabilities, method: Method, table: CpuidTable, with_hints: bool
 ) -> dict[str, Any]:
-    """describe_plan, also when no mechanism can present the mask here."""
+    """describe_plan, also when no mechanism can present the view here."""
     try:
-        return describe_plan(make_plan(mask, caps, method), mask_text, table)
+        plan = plan_for(spec, caps, method, False)
     except UnsupportedError as err:
-        unplanned = Plan(mask, False, False, False, CpuidView.build(mask, caps.xcr0))
-        described = describe_plan(unplanned, mask_text, table)
+        view = CpuidView.build(
+            spec.mask, caps.xcr0, False, spec.extra_hidden, spec.added, spec.identity
+        )
+        described = describe_plan(Plan(spec.mask, False, False, False, view), spec, table)
         described.update(mechanism="unavailable", how=str(err))
         return described
+    hints = env_hints(plan) if with_hints or plan.env_only else []
+    return describe_plan(plan, spec, table, hints)
+
+
+# -- profiles ---------------------------------------------------------------------------------
+
+_PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+def reference_profiles() -> list[str]:
+    """Names --profile accepts besides files: psABI levels and shipped CPU generations."""
+    return [*LEVELS, *sorted(p.stem for p in _PROFILE_DIR.glob("*.json"))]
+
+
+def load_profile(name: str) -> CpuidProfile:
+    if name in LEVELS:
+        needed = set(features.PSABI_LEVELS[name]) | {"lm", "nx"}
+        if "osxsave" in needed:
+            needed.add("xsave")
+        table = profiles.table_from_features(sorted(needed))
+        source = f"the x86-64 psABI's list for {name}"
+        return CpuidProfile(name, table, level_restriction(name)[0], source)
+    path = Path(name)
+    if not path.exists() and (_PROFILE_DIR / f"{name}.json").exists():
+        path = _PROFILE_DIR / f"{name}.json"
+    try:
+        text = path.read_text()
+    except OSError as err:
+        known = ", ".join(reference_profiles())
+        raise Xcr0runError(
+            f"cannot read profile {name}: {err.strerror} (built in: {known})"
+        ) from err
+    return profiles.parse(text, path.stem if path.parent == _PROFILE_DIR else name)
+
+
+def dump_cpuid() -> dict[str, Any]:
+    """This machine's whole CPUID table, XCR0 and the kernel's view, as a profile."""
+    table = host.cpuid_table()
+    xcomp = host.xcomp()
+    kernel = {
+        "xcomp_supported": None if xcomp.supported is None else f"{xcomp.supported:#x}",
+        "xcomp_permitted": None if xcomp.permitted is None else f"{xcomp.permitted:#x}",
+        "release": os.uname().release,
+    }
+    vendor, brand = _brand(table)
+    return profiles.dump(table, host.xcr0(), kernel, brand or vendor)
 
 
 def process_report(pid: int) -> dict[str, Any]:

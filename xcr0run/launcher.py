@@ -9,7 +9,7 @@ import os
 import shutil
 import signal
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from xcr0run import _native, host, isalevel
@@ -124,14 +124,16 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def exec_direct(path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int) -> None:
+def exec_direct(
+    path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Mapping[str, str]
+) -> None:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
     try:
         _prepare_child(plan, xcr0_prctl, supervised=False)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
-        os.execv(path, list(argv))
+        os.execve(path, list(argv), env)
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
 
@@ -146,6 +148,7 @@ def supervise(
     argv: Sequence[str],
     plan: Plan,
     xcr0_prctl: int,
+    env: Mapping[str, str],
     audit: AuditLog | None = None,
     audit_interval: float | None = None,
     on_ptrace: Callable[[int, str], None] | None = None,
@@ -163,7 +166,7 @@ def supervise(
                 os._exit(ExitStatus.FAILURE)
             os.kill(os.getpid(), signal.SIGSTOP)
             try:
-                os.execv(path, list(argv))
+                os.execve(path, list(argv), env)
             except OSError as err:
                 os.write(report_w, f"exec:{err.errno}".encode())
                 os._exit(_exec_error(argv[0], err.errno).status)

@@ -9,14 +9,17 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from xcr0run import xsave
+from xcr0run.cpuid import CpuidTable, Registers
 from xcr0run.errors import UnsupportedError
-from xcr0run.view import CpuidView
+from xcr0run.profiles import CpuidProfile, profile_view
+from xcr0run.view import CpuidView, level_restriction
 
 
 class Method(str, enum.Enum):
     AUTO = "auto"
     KERNEL = "kernel"  # ARCH_SET_XCR0 changes the hardware XCR0
     CPUID = "cpuid"  # CPUID faulting under ptrace; XCR0 unchanged
+    ENV = "env"  # library knobs only (--env-hints), where nothing else is available
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,7 @@ class Plan:
     deny_amx: bool  # make ARCH_REQ_XCOMP_PERM fail for the whole program tree
     view: CpuidView
     grant_amx: bool = False  # request AMX permission in every new program image
+    env_only: bool = False  # --method env: the view is carried by library knobs alone
 
     @property
     def supervised(self) -> bool:
@@ -47,7 +51,7 @@ class Plan:
     @property
     def mechanism(self) -> str:
         parts = [name for name, on in (("kernel", self.set_xcr0), ("cpuid", self.trap_cpuid)) if on]
-        return "+".join(parts) or "none"
+        return "+".join(parts) or ("env" if self.env_only else "none")
 
     @property
     def hides_anything(self) -> bool:
@@ -60,6 +64,8 @@ class Plan:
             return how + (", CPUID view masked" if self.trap_cpuid else ", CPUID unmasked")
         if self.trap_cpuid:
             return f"hardware XCR0 unchanged ({self.view.host_xcr0:#x}), CPUID view masked"
+        if self.env_only:
+            return "CPUID and XCR0 unchanged; only library knobs steer the program"
         return "nothing to hide: the program runs as usual"
 
     def enforced(self) -> list[str]:
@@ -76,17 +82,26 @@ def make_plan(
     method: Method = Method.AUTO,
     extra_hidden: Iterable[str] = (),
     grant_amx: bool = False,
+    added: Iterable[str] = (),
+    identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None,
 ) -> Plan:
-    """Choose mechanisms for `mask`, or raise UnsupportedError saying what is missing."""
+    """Choose mechanisms for `mask`, or raise UnsupportedError saying what is missing.
+    `extra_hidden`, `added` and `identity` come from --level and --profile."""
     extra = tuple(extra_hidden)
+
+    def view(xcr0_changed: bool) -> CpuidView:
+        return CpuidView.build(mask, caps.xcr0, xcr0_changed, extra, added, identity)
+
     amx = xsave.NAMES["amx"]
     deny_amx = caps.amx_supported and bool(caps.xcr0 & amx) and not mask & amx
     if grant_amx and not caps.amx_supported:
         raise UnsupportedError("--grant-amx: this CPU and kernel have no AMX")
     if grant_amx and not mask & amx:
         raise UnsupportedError("--grant-amx: the mask hides AMX")
-    if mask == caps.xcr0 and not extra and method is Method.AUTO:
-        return Plan(mask, False, False, False, CpuidView.build(mask, caps.xcr0), grant_amx)
+    if method is Method.ENV:
+        return Plan(mask, False, False, deny_amx, view(False), grant_amx, env_only=True)
+    if mask == caps.xcr0 and not extra and not added and not identity and method is Method.AUTO:
+        return Plan(mask, False, False, False, view(False), grant_amx)
     want_kernel = method in (Method.AUTO, Method.KERNEL) and mask != caps.xcr0
     if method is Method.KERNEL and not caps.set_xcr0:
         raise UnsupportedError(f"--method kernel: {caps.set_xcr0_detail}")
@@ -97,7 +112,67 @@ def make_plan(
     if not set_xcr0 and not trap:
         raise UnsupportedError(
             "cannot present this mask here: no CPUID faulting "
-            f"({caps.faulting_detail}) and {caps.set_xcr0_detail}"
+            f"({caps.faulting_detail}) and {caps.set_xcr0_detail} (--method env --env-hints "
+            "steers only libraries that read their own knobs)"
         )
-    view = CpuidView.build(mask, caps.xcr0, set_xcr0, extra)
-    return Plan(mask, set_xcr0, trap, deny_amx, view, grant_amx)
+    return Plan(mask, set_xcr0, trap, deny_amx, view(set_xcr0), grant_amx)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """What the user asked the program to see, before choosing a mechanism."""
+
+    label: str  # for messages: the mask, level or profile names
+    mask: int
+    extra_hidden: frozenset[str] = frozenset()
+    added: frozenset[str] = frozenset()
+    identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None
+    profile: dict[str, object] | None = None  # --profile facts for --show and --report
+
+
+def shape_view(
+    host_xcr0: int,
+    host_table: CpuidTable,
+    mask: tuple[str, int] | None = None,
+    level: str | None = None,
+    profile: CpuidProfile | None = None,
+    force: bool = False,
+) -> ViewSpec:
+    """Combine --mask, --level and --profile: each can only take away from the others."""
+    labels = []
+    value = host_xcr0
+    hidden: frozenset[str] = frozenset()
+    added: frozenset[str] = frozenset()
+    identity = None
+    facts = None
+    if mask is not None:
+        labels.append(mask[0])
+        value &= mask[1]
+    if level is not None:
+        labels.append(level)
+        level_mask, level_hidden = level_restriction(level)
+        value &= level_mask
+        hidden |= level_hidden
+    if profile is not None:
+        labels.append(profile.name)
+        pv = profile_view(profile, host_table, host_xcr0)
+        if pv.missing and not force:
+            raise UnsupportedError(
+                f"profile {profile.name} has features this CPU lacks: "
+                f"{', '.join(sorted(pv.missing))}; the program would die of SIGILL using them "
+                "(use --force to present them anyway)"
+            )
+        value &= pv.mask
+        hidden |= pv.hidden
+        added = pv.missing if force else frozenset()
+        identity = pv.identity
+        facts = {
+            "name": profile.name,
+            "source": profile.source,
+            "xcr0": f"{profile.effective_xcr0():#x}",
+            "lacks": sorted(pv.hidden),
+            "extra": sorted(pv.missing),
+        }
+    # What is left of XCR0 must still be a valid XCR0 (sse may go, avx512 needs avx...).
+    value &= ~xsave.dependents(host_xcr0 & ~value)
+    return ViewSpec(" ".join(labels) or "host", value, hidden, added, identity, facts)

@@ -28,6 +28,12 @@ def banner(plan: dict[str, Any], host_xcr0: int) -> str:
     if hidden:
         shown = " ".join(hidden[:12]) + (f" (+{len(hidden) - 12} more)" if len(hidden) > 12 else "")
         lines.append(f"{PROG}: hidden: {shown}")
+    if plan.get("added_features"):
+        lines.append(
+            f"{PROG}: shown although this CPU lacks them: {' '.join(plan['added_features'])}"
+        )
+    if plan.get("env_hints"):
+        lines.append(f"{PROG}: env: {' '.join(plan['env_hints'])}")
     lines.extend(f"{PROG}: enforced: {line}" for line in plan["enforced"])
     lines.extend(f"{PROG}: not hidden: {line}" for line in plan["limits"])
     return "\n".join(lines)
@@ -124,6 +130,13 @@ def show(report: ShowReport, out: IO[str]) -> None:
         console.print(f"  psABI level {plan['psabi_level'] or 'below x86-64-v1'}")
         hidden = plan["hidden_features"]
         console.print(f"  hidden      {' '.join(hidden) if hidden else 'nothing'}")
+        if plan.get("profile"):
+            prof = plan["profile"]
+            console.print(f"  profile     {prof['name']} ({prof['source']})")
+            console.print(f"  it lacks    {' '.join(prof['lacks']) or 'nothing this CPU has'}")
+            console.print(f"  it adds     {' '.join(prof['extra']) or 'nothing'}")
+        for hint in plan.get("env_hints", []):
+            console.print(f"  env         {hint}")
         for line in plan["enforced"]:
             console.print(f"  enforced    {line}")
         for line in plan["limits"]:

@@ -47,17 +47,42 @@ def psabi_level(table: CpuidTable, xcr0: int, glibc: bool = False) -> str | None
     return features.psabi_level(usable_features(table, xcr0), levels)
 
 
+# Per (leaf, sub-leaf): four AND masks then four OR values, applied register by register.
+Ops = tuple[int, int, int, int, int, int, int, int]
+_KEEP: Ops = (0xFFFFFFFF,) * 4 + (0,) * 4
+
+
+LEVELS = tuple(features.PSABI_LEVELS)
+
+
+def level_restriction(level: str) -> tuple[int, frozenset[str]]:
+    """(XCR0 components, features to hide) for the view of an x86-64 psABI level: every
+    feature the higher levels add is hidden, with all that depends on it, and only the
+    state components the level uses stay (x87 and SSE; AVX from v3; AVX-512 from v4)."""
+    if level not in features.PSABI_LEVELS:
+        raise KeyError(level)
+    have = set(features.PSABI_LEVELS[level])
+    above = set(features.PSABI_LEVELS[LEVELS[-1]]) - have
+    mask = xsave.NAMES["x87"] | xsave.NAMES["sse"]
+    if "avx" in have:
+        mask |= xsave.NAMES["avx"]
+    if "avx512f" in have:
+        mask |= xsave.NAMES["avx512"]
+    return mask, features.dependents(above)
+
+
 @dataclass(frozen=True)
 class CpuidView:
     """What CPUID answers under a mask. `answer` is the per-trap hot path: one dict
-    lookup and four ANDs."""
+    lookup, four ANDs and four ORs."""
 
     mask: int  # the XCR0 the program is meant to see
     host_xcr0: int
     xcr0_changed: bool  # the hardware XCR0 really is `mask` (ARCH_SET_XCR0)
     hidden: frozenset[str]
-    _clear: dict[tuple[int, int], Registers] = field(repr=False)
-    _zero_leaves: frozenset[int] = field(repr=False)
+    added: frozenset[str] = frozenset()  # features shown although the host lacks them
+    _ops: dict[tuple[int, int], Ops] = field(default_factory=dict, repr=False)
+    _zero_leaves: frozenset[int] = field(default=frozenset(), repr=False)
 
     @classmethod
     def build(
@@ -66,41 +91,74 @@ class CpuidView:
         host_xcr0: int,
         xcr0_changed: bool = False,
         extra_hidden: Iterable[str] = (),
+        added: Iterable[str] = (),
+        identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None,
     ) -> CpuidView:
+        """`extra_hidden`: features to hide beyond the mask's (levels, profiles);
+        `added`: features to show anyway; `identity`: (which bits, values) replaced per
+        leaf, for another machine's vendor, family and brand."""
         hidden = hidden_features(mask, host_xcr0, extra_hidden)
-        clear: dict[tuple[int, int], list[int]] = {}
+        shown = frozenset(features.canonical(n) for n in added) - hidden
+        ops: dict[tuple[int, int], list[int]] = {}
+
+        def entry(k: tuple[int, int]) -> list[int]:
+            return ops.setdefault(k, list(_KEEP))
+
+        for k, (which, values) in (identity or {}).items():
+            op = entry(key(*k))
+            for i in range(4):
+                op[i] &= ~which[i] & 0xFFFFFFFF
+                op[4 + i] |= values[i] & which[i]
         for (leaf, subleaf, register), bits in features.register_masks(hidden).items():
-            regs = clear.setdefault(key(leaf, subleaf), [0, 0, 0, 0])
-            regs[REGISTER_NAMES.index(register)] |= bits
+            op = entry(key(leaf, subleaf))
+            i = REGISTER_NAMES.index(register)
+            op[i] &= ~bits & 0xFFFFFFFF
+            op[4 + i] &= ~bits
+        for (leaf, subleaf, register), bits in features.register_masks(shown).items():
+            entry(key(leaf, subleaf))[4 + REGISTER_NAMES.index(register)] |= bits
         if xcr0_changed:
             # XSAVE really sizes its area from the new XCR0: leaf 0xD may follow it.
-            low = clear.setdefault((_XSAVE_LEAF, 0), [0, 0, 0, 0])
-            low[0] |= ~mask & 0xFFFFFFFF
-            low[3] |= ~(mask >> 32) & 0xFFFFFFFF
+            low = entry((_XSAVE_LEAF, 0))
+            low[0] &= mask & 0xFFFFFFFF
+            low[3] &= mask >> 32 & 0xFFFFFFFF
             for c in xsave.components(host_xcr0 & ~mask):
                 if c.number >= 2:
-                    clear[(_XSAVE_LEAF, c.number)] = [0xFFFFFFFF] * 4
-        zero = features.owned_leaves(hidden)
+                    ops[(_XSAVE_LEAF, c.number)] = [0] * 8
         return cls(
             mask,
             host_xcr0,
             xcr0_changed,
             hidden,
-            {k: (v[0], v[1], v[2], v[3]) for k, v in clear.items()},
-            zero,
+            shown,
+            {k: (v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]) for k, v in ops.items()},
+            features.owned_leaves(hidden),
         )
 
     def answer(self, leaf: int, subleaf: int, regs: Registers) -> Registers:
         if leaf in self._zero_leaves:
             return (0, 0, 0, 0)
-        clear = self._clear.get(key(leaf, subleaf))
-        if clear is None:
+        op = self._ops.get(key(leaf, subleaf))
+        if op is None:
             return regs
         return (
-            regs[0] & ~clear[0],
-            regs[1] & ~clear[1],
-            regs[2] & ~clear[2],
-            regs[3] & ~clear[3],
+            regs[0] & op[0] | op[4],
+            regs[1] & op[1] | op[5],
+            regs[2] & op[2] | op[6],
+            regs[3] & op[3] | op[7],
+        )
+
+    def cleared(self, leaf: int, subleaf: int) -> Registers:
+        """The bits of (leaf, subleaf) this view turns off (for rr and OpenSSL flags)."""
+        op = self._ops.get(key(leaf, subleaf))
+        if leaf in self._zero_leaves:
+            return (0xFFFFFFFF,) * 4
+        if op is None:
+            return (0, 0, 0, 0)
+        return (
+            ~op[0] & ~op[4] & 0xFFFFFFFF,
+            ~op[1] & ~op[5] & 0xFFFFFFFF,
+            ~op[2] & ~op[6] & 0xFFFFFFFF,
+            ~op[3] & ~op[7] & 0xFFFFFFFF,
         )
 
     def apply(self, table: CpuidTable) -> CpuidTable:
@@ -125,3 +183,29 @@ class CpuidView:
             f"CPUID leaf 0xD stays truthful (XSAVE area sizes include {lost})",
             "instructions of hidden features still execute if a program uses them anyway",
         ]
+
+
+def rr_record_flags(view: CpuidView, host: CpuidTable) -> tuple[list[str], list[str]]:
+    """`rr record` options that mask what this view masks, and the host features rr
+    cannot mask (its --disable-cpuid-features* cover leaf 1, 7.0 and 0xD.1 EAX)."""
+    flags = []
+    _, _, ecx1, edx1 = view.cleared(1, 0)
+    _, ebx7, ecx7, edx7 = view.cleared(7, 0)
+    xsave_eax = view.cleared(0xD, 1)[0]
+    if ecx1 or edx1:
+        flags.append(f"--disable-cpuid-features {ecx1:#x},{edx1:#x}")
+    if ebx7 or ecx7 or edx7:
+        flags.append(f"--disable-cpuid-features-ext {ebx7:#x},{ecx7:#x},{edx7:#x}")
+    if xsave_eax:
+        flags.append(f"--disable-cpuid-features-xsave {xsave_eax:#x}")
+    covered = {(1, 0), (7, 0), (0xD, 1)}
+    uncovered = sorted(
+        {
+            f.name
+            for f in features.FEATURES
+            if f.name in view.hidden
+            and (f.leaf, f.subleaf) not in covered
+            and host.has_bit(f.leaf, f.subleaf, f.register, f.bit)
+        }
+    )
+    return flags, uncovered

@@ -9,7 +9,7 @@ function __xcr0run_complete
             case --
                 set start (math $i + 1)
                 break
-            case -m --mask -p --pid --method --report --audit-interval --expect-used --xcr0-prctl
+            case -m --mask --level --profile -p --pid --method --dump-cpuid --report --audit-interval --expect-used --xcr0-prctl
                 set i (math $i + 1)
             case '-*'
             case '*'
