@@ -1,0 +1,199 @@
+#!/usr/bin/env python3
+"""xcr0run benchmarks, in one run, printed as a table.
+
+    python3 bench/bench.py [--quick] [--markdown FILE] [--guest]
+
+Workloads: the cost of one emulated CPUID; start-up on /bin/true and `python3 -c pass`;
+a shell loop starting 200 processes; a CPU-bound program. Each runs natively, under
+xcr0run, under a minimal C ptrace tracer doing the same emulation with the same system
+calls (bench/floor_tracer.c, the floor), under qemu-user (`qemu-x86_64 -cpu max`,
+installed with apt-get if missing) and under valgrind (`--tool=none`). Times are medians
+of several runs; ratios are against native and taken within this one run.
+
+CPUID faulting is needed for xcr0run and the floor; without it those cells read n/a
+and --guest runs the whole script inside the TCG guest of tests/guest instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT))
+
+
+def sh(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(cmd), capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+
+
+def build(out: Path) -> dict[str, str]:
+    bins = {}
+    for name in ("cpuid_loop", "cpu_bound", "floor_tracer"):
+        target = out / name
+        sh(["gcc", "-O2", "-o", str(target), str(HERE / f"{name}.c")], check=True)
+        bins[name] = str(target)
+    return bins
+
+
+def ensure_qemu_user() -> str | None:
+    path = shutil.which("qemu-x86_64")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        sh(["apt-get", "update", "-qq"])
+        sh(["apt-get", "install", "-y", "-qq", "qemu-user"])
+        path = shutil.which("qemu-x86_64")
+    return path
+
+
+def wall(cmd: Sequence[str], runs: int) -> float | None:
+    """Median wall time in seconds, or None if the command fails."""
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        result = sh(cmd)
+        times.append(time.perf_counter() - start)
+        if result.returncode != 0:
+            return None
+    return statistics.median(times)
+
+
+def per_cpuid(cmd: Sequence[str], runs: int) -> float | None:
+    """Median ns per CPUID as cpuid_loop reports it."""
+    values = []
+    for _ in range(runs):
+        result = sh(cmd)
+        if result.returncode != 0:
+            return None
+        values.append(float(result.stdout.split()[1]))
+    return statistics.median(values)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
+    parser.add_argument("--guest", action="store_true", help="run inside the TCG guest")
+    args = parser.parse_args()
+    if args.guest:
+        from tests.guest.run_in_guest import run_in_guest
+
+        argv = [sys.executable, str(HERE / "bench.py")] + (["--quick"] if args.quick else [])
+        if args.markdown:
+            argv += ["--markdown", str(Path(args.markdown).resolve())]
+        result = run_in_guest(argv, cwd=str(ROOT), timeout=3600)
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result.returncode
+
+    from xcr0run import host
+
+    runs = 3 if args.quick else 7
+    loops = 2000 if args.quick else 10000
+    faulting = host.cpuid_faulting()
+    xcr0 = host.xcr0()
+    mask = "no-avx512" if xcr0 & 0xE0 else "x87,sse" if xcr0 & 0x4 else "host"
+    tmp = Path(tempfile.mkdtemp(prefix="xcr0run-bench-"))
+    bins = build(tmp)
+    qemu = ensure_qemu_user()
+    valgrind = shutil.which("valgrind")
+    py = sys.executable
+    xcr0run = [py, "-m", "xcr0run", "-q", "--mask", mask, "--"]
+    floor = [bins["floor_tracer"]]
+    loop200 = ["sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done"]
+
+    runners: dict[str, list[str] | None] = {
+        "native": [],
+        "xcr0run": xcr0run if faulting.supported else None,
+        "xcr0run --no-audit": [*xcr0run[:-1], "--no-audit", "--"] if faulting.supported else None,
+        "C floor": floor if faulting.supported else None,
+        # Following the tree (ptrace, audit) without trapping CPUID: runs anywhere.
+        "xcr0run follow-only": [py, "-m", "xcr0run", "-q", "--mask", "host", "--audit", "--"],
+        "qemu-user": [qemu, "-cpu", "max"] if qemu else None,
+        "valgrind": [valgrind, "-q", "--tool=none"] if valgrind else None,
+    }
+    rows: list[tuple[str, str, dict[str, float | None]]] = []
+
+    def row(name: str, unit: str, measure) -> None:  # type: ignore[no-untyped-def]
+        cells = {}
+        for runner, prefix in runners.items():
+            cells[runner] = None if prefix is None else measure(prefix)
+        rows.append((name, unit, cells))
+        print(f"  measured {name}", file=sys.stderr)
+
+    row(
+        "one CPUID (leaf 7)",
+        "µs",
+        lambda p: _us(per_cpuid([*p, bins["cpuid_loop"], str(loops)], runs)),
+    )
+    row("start /bin/true", "ms", lambda p: _ms(wall([*p, "/bin/true"], runs)))
+    row("start python3 -c pass", "ms", lambda p: _ms(wall([*p, py, "-c", "pass"], runs)))
+    row("200 processes (sh loop)", "ms", lambda p: _ms(wall([*p, *loop200], max(3, runs // 2))))
+    row("CPU-bound program", "ms", lambda p: _ms(wall([*p, bins["cpu_bound"]], max(3, runs // 2))))
+    bare_python = _ms(wall([py, "-c", "pass"], runs))
+
+    print(render(rows, list(runners), mask, faulting.detail, bare_python))
+    if args.markdown:
+        Path(args.markdown).write_text(
+            markdown(rows, list(runners), mask, faulting.detail, bare_python)
+        )
+    shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _us(seconds_or_ns: float | None) -> float | None:
+    return None if seconds_or_ns is None else seconds_or_ns / 1000
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _cell(value: float | None, native: float | None) -> str:
+    if value is None:
+        return "n/a"
+    ratio = f" ({value / native:.2f}x)" if native else ""
+    return f"{value:.1f}{ratio}"
+
+
+def _context(mask: str, faulting: str, bare_python: float | None) -> list[str]:
+    return [
+        f"machine: {os.uname().release}, {os.cpu_count()} CPUs; mask {mask}; CPUID faulting: "
+        f"{faulting}",
+        f"bare `python3 -c pass`: {bare_python:.1f} ms" if bare_python else "",
+    ]
+
+
+def render(rows, runners, mask, faulting, bare_python) -> str:  # type: ignore[no-untyped-def]
+    header = ["workload", *runners]
+    lines = [header]
+    for name, unit, cells in rows:
+        native = cells.get("native")
+        lines.append([f"{name} [{unit}]", *(_cell(cells[r], native) for r in runners)])
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = ["  ".join(c.ljust(w) for c, w in zip(line, widths)) for line in lines]
+    return "\n".join([*_context(mask, faulting, bare_python), "", *out])
+
+
+def markdown(rows, runners, mask, faulting, bare_python) -> str:  # type: ignore[no-untyped-def]
+    out = [f"| workload | {' | '.join(runners)} |", "|---" * (len(runners) + 1) + "|"]
+    for name, unit, cells in rows:
+        native = cells.get("native")
+        out.append(
+            f"| {name} [{unit}] | " + " | ".join(_cell(cells[r], native) for r in runners) + " |"
+        )
+    return "\n".join(
+        [*(f"{line}  " for line in _context(mask, faulting, bare_python) if line), "", *out, ""]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
