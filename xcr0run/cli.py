@@ -16,12 +16,12 @@ from click.shell_completion import CompletionItem
 
 if TYPE_CHECKING:
     from xcr0run.audit import AuditLog
+    from xcr0run.profiles import CpuidProfile
 
-from xcr0run import __version__, host, inspect, masks
+from xcr0run import __version__, host, masks
 from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
 from xcr0run.plan import Method, ViewSpec, shape_view
-from xcr0run.profiles import CpuidProfile
 from xcr0run.supervisor import Outcome
 from xcr0run.view import LEVELS
 
@@ -101,6 +101,9 @@ class ProfileParam(click.ParamType):
     name = "PROFILE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from xcr0run import inspect
+        from xcr0run.profiles import CpuidProfile
+
         if isinstance(value, CpuidProfile):
             return value
         try:
@@ -111,6 +114,8 @@ class ProfileParam(click.ParamType):
     def shell_complete(
         self, ctx: click.Context, param: click.Parameter, incomplete: str
     ) -> list[CompletionItem]:
+        from xcr0run import inspect
+
         names = [n for n in inspect.reference_profiles() if n.startswith(incomplete)]
         return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
 
@@ -284,14 +289,16 @@ class Wanted:
         return self.mask is not None or self.level is not None or bool(self.profiles)
 
     def shape(self, host_xcr0: int, table: CpuidTable) -> ViewSpec:
-        from xcr0run.profiles import common
+        profile = None
+        if self.profiles:
+            from xcr0run.profiles import common
 
-        profile = common(self.profiles) if self.profiles else None
+            profile = common(self.profiles)
         return shape_view(host_xcr0, table, self.mask, self.level, profile, self.force)
 
 
 def _dump(target: str) -> int:
-    from xcr0run import render
+    from xcr0run import inspect, render
 
     text = render.to_json(inspect.dump_cpuid()) + "\n"
     if target == "-":
@@ -323,7 +330,7 @@ def _print_rr_flags(wanted: Wanted) -> int:
 
 
 def _show(wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool) -> int:
-    from xcr0run import render
+    from xcr0run import inspect, render
 
     caps = inspect.capabilities(code)
     table = host.cpuid_table()
@@ -352,7 +359,7 @@ class AuditChoice:
 
 
 def _show_process(pid: int, as_json: bool) -> int:
-    from xcr0run import render
+    from xcr0run import inspect, render
 
     data = inspect.process_report(pid)
     if as_json:
@@ -373,7 +380,7 @@ def _run(
     grant_amx: bool,
     env_hints: bool,
 ) -> int | Outcome:
-    from xcr0run import launcher, render
+    from xcr0run import inspect, launcher, render
     from xcr0run.audit import AuditLog
     from xcr0run.view import psabi_level
 

@@ -9,16 +9,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from xcr0run import envhints, features, host, profiles, xsave
+from xcr0run import features, host, xsave
 from xcr0run.cpuid import CpuidTable
-from xcr0run.envhints import EnvHint
 from xcr0run.errors import UnsupportedError, Xcr0runError
 from xcr0run.masks import format_mask
 from xcr0run.plan import Capabilities, Method, Plan, ViewSpec, make_plan
-from xcr0run.profiles import CpuidProfile
 from xcr0run.view import LEVELS, CpuidView, level_restriction, psabi_level
+
+if TYPE_CHECKING:
+    from xcr0run.envhints import EnvHint
+    from xcr0run.profiles import CpuidProfile
 
 # The legacy region of every XSAVE area (SDM vol. 1, 13.4.1): x87 and SSE state live at
 # fixed places in its first 512 bytes; CPUID leaf 0xD does not report them.
@@ -190,6 +192,8 @@ def plan_for(spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool
 
 
 def env_hints(plan: Plan) -> list[EnvHint]:
+    from xcr0run import envhints
+
     return envhints.env_hints(plan.view.hidden, plan.view.cleared, os.environ)
 
 
@@ -200,7 +204,9 @@ def describe_plan(
     seen = plan.view.apply(table)
     limits = plan.view.limits()
     if plan.env_only:
-        limits = [envhints.LIMITS]
+        from xcr0run.envhints import LIMITS
+
+        limits = [LIMITS]
     return {
         "mask": spec.label,
         "xcr0": f"{plan.mask:#x}",
@@ -245,13 +251,15 @@ def reference_profiles() -> list[str]:
 
 
 def load_profile(name: str) -> CpuidProfile:
+    from xcr0run import profiles
+
     if name in LEVELS:
         needed = set(features.PSABI_LEVELS[name]) | {"lm", "nx"}
         if "osxsave" in needed:
             needed.add("xsave")
         table = profiles.table_from_features(sorted(needed))
         source = f"the x86-64 psABI's list for {name}"
-        return CpuidProfile(name, table, level_restriction(name)[0], source)
+        return profiles.CpuidProfile(name, table, level_restriction(name)[0], source)
     path = Path(name)
     if not path.exists() and (_PROFILE_DIR / f"{name}.json").exists():
         path = _PROFILE_DIR / f"{name}.json"
@@ -274,6 +282,8 @@ def dump_cpuid() -> dict[str, Any]:
         "xcomp_permitted": None if xcomp.permitted is None else f"{xcomp.permitted:#x}",
         "release": os.uname().release,
     }
+    from xcr0run import profiles
+
     vendor, brand = _brand(table)
     return profiles.dump(table, host.xcr0(), kernel, brand or vendor)
 

@@ -36,6 +36,12 @@ def _segments(elf: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
+def headers_end(elf: bytes) -> int:
+    """How much of the file `interpreter` and `needed_level` need to see."""
+    wanted = (PT_INTERP, PT_NOTE, PT_GNU_PROPERTY)
+    return max((off + size for t, off, size in _segments(elf) if t in wanted), default=0)
+
+
 def interpreter(elf: bytes) -> str | None:
     """The PT_INTERP path (the dynamic loader), if any."""
     for p_type, offset, size in _segments(elf):

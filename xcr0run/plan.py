@@ -7,11 +7,14 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from xcr0run import xsave
 from xcr0run.cpuid import CpuidTable, Registers
+
+if TYPE_CHECKING:
+    from xcr0run.profiles import CpuidProfile
 from xcr0run.errors import UnsupportedError
-from xcr0run.profiles import CpuidProfile, profile_view
 from xcr0run.view import CpuidView, level_restriction
 
 
@@ -154,6 +157,8 @@ def shape_view(
         value &= level_mask
         hidden |= level_hidden
     if profile is not None:
+        from xcr0run.profiles import profile_view
+
         labels.append(profile.name)
         pv = profile_view(profile, host_table, host_xcr0)
         if pv.missing and not force:
