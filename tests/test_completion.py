@@ -57,16 +57,13 @@ printf '%s\n' "${COMPREPLY[@]}"
 """
 
 
-def bash(env: dict[str, str], *words: str) -> list[str]:
-    out = subprocess.run(
-        [_shell("bash"), "-c", BASH_DRIVER, "bash", *words],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+def _run(argv: list[str], env: dict[str, str]) -> list[str]:
+    out = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     return [line for line in out.stdout.splitlines() if line]
+
+
+def bash(env: dict[str, str], *words: str) -> list[str]:
+    return _run([_shell("bash"), "-c", BASH_DRIVER, "bash", *words], env)
 
 
 ZSH_DRIVER = r"""
@@ -82,15 +79,7 @@ _xcr0run
 
 
 def zsh(env: dict[str, str], *words: str) -> list[str]:
-    out = subprocess.run(
-        [_shell("zsh"), "-f", "-c", ZSH_DRIVER, "zsh", *words],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return [line for line in out.stdout.splitlines() if line]
+    return _run([_shell("zsh"), "-f", "-c", ZSH_DRIVER, "zsh", *words], env)
 
 
 def fish(env: dict[str, str], line: str) -> list[str]:

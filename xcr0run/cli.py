@@ -51,36 +51,20 @@ die of the same signal.
 
 
 class MaskParam(click.ParamType):
-    """A --mask value: parsed against this machine's XCR0; keeps the text for messages."""
+    """A --mask value: parsed against this machine's XCR0; keeps the text for messages.
+    With `rules=False` (--expect-used), components named as in a mask, without the XCR0
+    rules or presets."""
 
-    name = "MASK"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, tuple):
-            return value
-        try:
-            return (value, masks.parse_mask(value, host.xcr0()))
-        except MaskError as err:
-            self.fail(str(err), param, ctx)
-
-    def shell_complete(
-        self, ctx: click.Context, param: click.Parameter, incomplete: str
-    ) -> list[CompletionItem]:
-        return [
-            CompletionItem(value, help=text)
-            for value, text in masks.complete(incomplete, host.xcr0())
-        ]
-
-
-class ComponentsParam(click.ParamType):
-    """Components named as in a mask, without the XCR0 rules (--expect-used)."""
-
-    name = "COMPONENTS"
+    def __init__(self, rules: bool = True) -> None:
+        self.rules = rules
+        self.name = "MASK" if rules else "COMPONENTS"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, tuple):
             return value
         try:
+            if self.rules:
+                return (value, masks.parse_mask(value, host.xcr0()))
             return (value, masks.parse_components(value))
         except MaskError as err:
             self.fail(str(err), param, ctx)
@@ -90,7 +74,7 @@ class ComponentsParam(click.ParamType):
     ) -> list[CompletionItem]:
         return [
             CompletionItem(value, help=text)
-            for value, text in masks.complete(incomplete, host.xcr0(), presets=False)
+            for value, text in masks.complete(incomplete, host.xcr0(), presets=self.rules)
         ]
 
 
@@ -205,7 +189,7 @@ class PrctlCode(click.ParamType):
 )
 @click.option(
     "--expect-used",
-    type=ComponentsParam(),
+    type=MaskParam(rules=False),
     metavar="COMPONENTS",
     help="Fail (status 124) unless these components were seen in use, e.g. avx512.",
 )
