@@ -132,9 +132,10 @@ function __xcr0run_complete
         __fish_complete_subcommand --commandline $sub $current
         return
     end
-    # click answers in triples of lines: type, value, help ("_" for none).
-    set -l response (env _XCR0RUN_COMPLETE=fish_complete COMP_WORDS=(commandline -cp) \
-        COMP_CWORD=(commandline -t) xcr0run)
+    # Ask in click's zsh protocol, whose answer (triples of lines: type, value, help or
+    # "_") has stayed the same across click versions; its fish protocol has not.
+    set -l response (env _XCR0RUN_COMPLETE=zsh_complete COMP_WORDS=(commandline -cp) \
+        COMP_CWORD=(count $tokens) xcr0run)
     for j in (seq 1 3 (count $response))
         set -l value $response[(math $j + 1)]
         set -l help $response[(math $j + 2)]
