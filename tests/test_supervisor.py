@@ -162,9 +162,12 @@ def test_sigint_to_the_process_group_kills_program_and_launcher() -> None:
 
 
 def test_stop_and_continue_like_ctrl_z_and_fg() -> None:
+    """The terminal's Ctrl-Z sends SIGTSTP to the foreground process group; fg sends
+    SIGCONT. xcr0run must stop with the program, so the shell sees the job stopped.
+    (A new process group, not a new session: an orphaned group ignores SIGTSTP.)"""
     proc = subprocess.Popen(
         [sys.executable, "-m", "xcr0run", "-q", "-m", MASK, "--", "sh", "-c", "sleep 1; echo done"],
-        start_new_session=True,
+        preexec_fn=os.setpgrp,
         stdout=subprocess.PIPE,
         text=True,
     )

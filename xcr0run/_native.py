@@ -85,6 +85,8 @@ SECCOMP_RET_ALLOW = 0x7FFF0000
 SECCOMP_RET_ERRNO = 0x00050000
 SECCOMP_RET_TRACE = 0x7FF00000
 AUDIT_ARCH_X86_64 = 0xC000003E
+AUDIT_ARCH_I386 = 0x40000003
+SYS_arch_prctl_32 = 384  # <asm/unistd_32.h>
 X32_SYSCALL_BIT = 0x40000000
 
 
@@ -293,8 +295,21 @@ def install_filter(deny_arch_prctl: int | None, trace_ptrace: bool) -> None:
     fork and execve): arch_prctl(deny_arch_prctl, ...) fails with EPERM, and with
     `trace_ptrace` every ptrace call stops the caller for its tracer first
     (PTRACE_EVENT_SECCOMP), so the supervisor can explain why it will fail."""
-    prog: list[tuple[int, int, int, int]] = [
-        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH),
+    prog: list[tuple[int, int, int, int]] = [(_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH)]
+    if deny_arch_prctl is not None:
+        # A 64-bit program can still make 32-bit system calls (int 0x80): there,
+        # arch_prctl is number 384 and must be refused as well.
+        prog += [
+            (_BPF_JEQ_K, 0, 6, AUDIT_ARCH_I386),
+            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),
+            (_BPF_JEQ_K, 0, 2, SYS_arch_prctl_32),
+            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
+            (_BPF_JEQ_K, 1, 0, deny_arch_prctl),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
+            (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM),
+            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH),
+        ]
+    prog += [
         (_BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
         (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # other ABIs: left alone
         (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),

@@ -13,9 +13,9 @@ from typing import Any
 from xcr0run.masks import format_mask
 
 LIMITS = (
-    "samples are taken when a thread stops (CPUID traps, exec, clone, signals, exit and "
-    "any --audit-interval); state back in its initial configuration by then (for example "
-    "after vzeroupper) is not seen"
+    "samples are taken when a thread stops (CPUID traps, clone, signals, thread exit and "
+    "any --audit-interval), not just before an exec replaces it; state back in its initial "
+    "configuration by then (for example after vzeroupper) is not seen"
 )
 
 

@@ -378,7 +378,8 @@ def _run(
     if not wanted.force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
     hints = inspect.env_hints(plan) if env_hints or plan.env_only else []
-    env = {**os.environ, **{h.name: h.value for h in hints}}
+    env = host.original_environment()
+    env.update((h.name.encode(), h.value.encode()) for h in hints)
     described = inspect.describe_plan(plan, spec, table, hints)
     if not quiet:
         click.echo(render.banner(described, caps.xcr0), err=True)

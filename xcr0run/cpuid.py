@@ -39,8 +39,9 @@ _WHILE: dict[int, Callable[[int, Registers], bool]] = {
 _FIXED: dict[int, int] = {0xD: 64, 0xF: 4, 0x10: 4, 0x1E: 2, 0x23: 4, 0x80000020: 4}
 SUBLEAF_LEAVES = frozenset(_MAX_IN_EAX | set(_WHILE) | set(_FIXED))
 
-# Leaves whose answer depends on the CPU asking (APIC and topology IDs).
-PER_CPU_LEAVES = frozenset({0x1, 0xB, 0x1F, 0x8000001E, 0x80000026})
+# Leaves whose answer depends on the CPU asking: APIC and topology IDs, and on hybrid
+# CPUs the core type (0x1A) and the caches (4).
+PER_CPU_LEAVES = frozenset({0x1, 0x4, 0xB, 0x1A, 0x1F, 0x8000001E, 0x80000026})
 
 
 def key(leaf: int, subleaf: int) -> tuple[int, int]:

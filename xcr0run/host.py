@@ -86,6 +86,22 @@ def request_xcomp_perm(component: int) -> int:
 # -- ARCH_SET_XCR0 ---------------------------------------------------------------------------
 
 
+def original_environment() -> dict[bytes, bytes]:
+    """The environment this process started with. Python itself may have changed
+    os.environ (locale coercion sets LC_CTYPE); the program must get it untouched."""
+    try:
+        with open("/proc/self/environ", "rb") as f:
+            block = f.read()
+    except OSError:
+        return {k.encode(): v.encode() for k, v in os.environ.items()}
+    env: dict[bytes, bytes] = {}
+    for item in block.split(b"\0"):
+        name, sep, value = item.partition(b"=")
+        if sep:
+            env.setdefault(name, value)
+    return env
+
+
 def xcr0_prctl_code(override: int | None = None) -> int:
     """The arch_prctl code to try for ARCH_SET_XCR0: option, environment, or the patch's."""
     if override is not None:
@@ -105,41 +121,68 @@ class Xcr0Prctl:
 _PATCH_MAX_BITS = 0x3FF
 
 
+# Codes mainline Linux assigns (asm/prctl.h): never ARCH_SET_XCR0, and some of them
+# (ARCH_SET_FS, ...) would wreck the probing process. 0x1021 is ARCH_GET_XCOMP_SUPP too,
+# but it is the 2020 patch's own code and its probe value can never be a mapped address.
+_MAINLINE_CODES = {
+    0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
+    0x1004: "ARCH_GET_GS", 0x1011: "ARCH_GET_CPUID", 0x1012: "ARCH_SET_CPUID",
+    0x1022: "ARCH_GET_XCOMP_PERM", 0x1023: "ARCH_REQ_XCOMP_PERM",
+    0x1024: "ARCH_GET_XCOMP_GUEST_PERM", 0x1025: "ARCH_REQ_XCOMP_GUEST_PERM",
+    0x1026: "ARCH_XCOMP_TILECFG", 0x1027: "ARCH_XCOMP_TILERELEASE",
+    0x2001: "ARCH_MAP_VDSO_X32", 0x2002: "ARCH_MAP_VDSO_32", 0x2003: "ARCH_MAP_VDSO_64",
+    0x4001: "ARCH_GET_UNTAG_MASK", 0x4002: "ARCH_ENABLE_TAGGED_ADDR",
+    0x4003: "ARCH_GET_MAX_TAG_BITS", 0x4004: "ARCH_FORCE_TAGGED_SVA",
+    0x5001: "ARCH_SHSTK_ENABLE", 0x5002: "ARCH_SHSTK_DISABLE", 0x5003: "ARCH_SHSTK_LOCK",
+    0x5004: "ARCH_SHSTK_UNLOCK", 0x5005: "ARCH_SHSTK_STATUS",
+}  # fmt: skip
+
+
 def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
     """Does arch_prctl(code) set XCR0 here? Probed without side effects.
 
     The probe asks for the current XCR0, a no-op for a real ARCH_SET_XCR0. Elsewhere the
     code is unassigned (EINVAL) or, as mainline's ARCH_GET_XCOMP_SUPP at 0x1021, a getter
     that takes the value as a pointer (EFAULT) — so the value must never be an address
-    this process has mapped.
+    this process has mapped. Codes other than the patch's are probed in a child process.
     """
+    if code in _MAINLINE_CODES:
+        name = _MAINLINE_CODES[code]
+        return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
     value = current & _PATCH_MAX_BITS
-    if value >= _native.mmap_min_addr() and _native.address_mapped(value):
+    if _native.address_mapped(value):
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
-    if value == current:
+    if value == current and code == _native.ARCH_SET_XCR0_PATCH_CODE:
         result = _native.arch_prctl_raw(code, value)
         if result == 0 and xcr0() != current:
             return Xcr0Prctl(code, False, f"arch_prctl({code:#x}) changed XCR0 unexpectedly")
     else:
-        # Asking for less than the current set would change this thread: ask in a child.
+        # Another code could mean anything, and asking for less than the current set
+        # would change this thread: ask in a child.
         result = _probe_in_child(code, value)
     return Xcr0Prctl(code, result == 0, _describe_probe(code, result))
 
 
 def _probe_in_child(code: int, value: int) -> int:
+    """0, -errno, or 1 when the call succeeded without setting XCR0 (or killed the child)."""
     pid = os.fork()
     if pid == 0:
         result = _native.arch_prctl_raw(code, value)
-        ok = result == 0 and _native.xgetbv(0) == value
-        os._exit(0 if ok else min(-result if result < 0 else 255, 255))
+        if result == 0 and _native.xgetbv(0) == value:
+            os._exit(0)
+        os._exit(min(-result, 254) if result < 0 else 255)
     _, status = os.waitpid(pid, 0)
-    code_ = os.waitstatus_to_exitcode(status)
-    return 0 if code_ == 0 else -code_
+    exit_code = os.waitstatus_to_exitcode(status)
+    if exit_code == 0:
+        return 0
+    return -exit_code if 0 < exit_code < 255 else 1
 
 
 def _describe_probe(code: int, result: int) -> str:
     if result == 0:
         return f"arch_prctl({code:#x}) sets XCR0 per thread"
+    if result > 0:
+        return f"no ARCH_SET_XCR0 at code {code:#x}: the call does something else"
     err = -result
     if err == errno.EINVAL:
         return f"no ARCH_SET_XCR0 at code {code:#x} (unassigned on this kernel)"
@@ -209,9 +252,12 @@ def thread_states(pid: int) -> list[ThreadState]:
         except _native.NativeError as err:
             states.append(ThreadState(tid, _comm(tid), None, None, os.strerror(err.errno)))
             continue
+        pending = 0  # a signal that arrived meanwhile: handed back at detach
         try:
             _native.ptrace_interrupt(tid)
-            os.waitpid(tid, _native.WALL)
+            _, status = os.waitpid(tid, _native.WALL)
+            if os.WIFSTOPPED(status) and status >> 16 == 0:
+                pending = os.WSTOPSIG(status)  # a signal-delivery stop, not ours
             head = _native.ptrace_getregset(tid, _native.NT_X86_XSTATE, 576)
             xcr0_value, xstate_bv = _native.xstate_header(head)
             states.append(ThreadState(tid, _comm(tid), xcr0_value, xstate_bv))
@@ -219,5 +265,5 @@ def thread_states(pid: int) -> list[ThreadState]:
             states.append(ThreadState(tid, _comm(tid), None, None, str(err)))
         finally:
             with contextlib.suppress(_native.NativeError):
-                _native.ptrace_detach(tid)
+                _native.ptrace_detach(tid, pending)
     return states

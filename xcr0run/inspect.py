@@ -194,7 +194,11 @@ def plan_for(spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool
 def env_hints(plan: Plan) -> list[EnvHint]:
     from xcr0run import envhints
 
-    return envhints.env_hints(plan.view.hidden, plan.view.cleared, os.environ)
+    env = {
+        k.decode(errors="replace"): v.decode(errors="replace")
+        for k, v in host.original_environment().items()
+    }
+    return envhints.env_hints(plan.view.hidden, plan.view.cleared, env)
 
 
 def describe_plan(

@@ -19,8 +19,9 @@ LEVEL_NAMES = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 
 
 def _segments(elf: bytes) -> list[tuple[int, int, int]]:
-    """(p_type, p_offset, p_filesz) of each program header of a 64-bit ELF file."""
-    if elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
+    """(p_type, p_offset, p_filesz) of each program header of a 64-bit ELF file; none for
+    anything else, truncated files included."""
+    if len(elf) < 0x40 or elf[:4] != b"\x7fELF" or elf[4] != 2 or elf[5] != 1:
         return []
     (phoff,) = struct.unpack_from("<Q", elf, 0x20)
     phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
@@ -117,7 +118,9 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
             _native.ARCH_REQ_XCOMP_PERM if plan.deny_amx else None, explain_ptrace
         )
     if plan.set_xcr0:
-        to_init = plan.view.host_xcr0 & ~plan.mask & ~0b11
+        # The components being disabled must be in their initial state; XFD-armed ones
+        # (AMX tile data) are left out, since XRSTOR of them faults without permission.
+        to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
         result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
         if result != 0:
             raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
@@ -128,8 +131,21 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
+Environment = Mapping[bytes, bytes]
+
+
+def _execve(path: str, argv: Sequence[str], env: Environment) -> None:
+    """execve, and like execvp a file without a #! line runs through /bin/sh."""
+    try:
+        os.execve(path, list(argv), env)
+    except OSError as err:
+        if err.errno != errno.ENOEXEC:
+            raise
+        os.execve("/bin/sh", ["/bin/sh", path, *argv[1:]], env)
+
+
 def exec_direct(
-    path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Mapping[str, str]
+    path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment
 ) -> None:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
     try:
@@ -137,7 +153,7 @@ def exec_direct(
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
-        os.execve(path, list(argv), env)
+        _execve(path, argv, env)
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
 
@@ -152,7 +168,7 @@ def supervise(
     argv: Sequence[str],
     plan: Plan,
     xcr0_prctl: int,
-    env: Mapping[str, str],
+    env: Environment,
     audit: AuditLog | None = None,
     audit_interval: float | None = None,
     on_ptrace: Callable[[int, str], None] | None = None,
@@ -170,13 +186,14 @@ def supervise(
                 os._exit(ExitStatus.FAILURE)
             os.kill(os.getpid(), signal.SIGSTOP)
             try:
-                os.execve(path, list(argv), env)
+                _execve(path, argv, env)
             except OSError as err:
                 os.write(report_w, f"exec:{err.errno}".encode())
                 os._exit(_exec_error(argv[0], err.errno).status)
         finally:
             os._exit(ExitStatus.FAILURE)
     os.close(report_w)
+    waker = _Waker()
     supervisor = Supervisor(
         plan.view,
         trap_cpuid=plan.trap_cpuid,
@@ -184,52 +201,84 @@ def supervise(
         audit=audit,
         on_group_stop=_stop_with_program,
         on_ptrace=on_ptrace,
+        forwarded=frozenset(_FORWARDED),
+        wake_after=waker.after,
     )
     previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _GROUP_SIGNALS}
     previous.update(
         {sig: signal.signal(sig, lambda s, _f: supervisor.forward_signal(s)) for sig in _FORWARDED}
     )
-    ticker = None
-    if audit is not None and audit_interval:
-        previous[_SAMPLE_SIGNAL] = signal.signal(
-            _SAMPLE_SIGNAL, lambda _s, _f: supervisor.interrupt_all()
-        )
-        ticker = _Ticker(audit_interval)
+    previous[_WAKE_SIGNAL] = signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
+    ticker = (
+        _Ticker(audit_interval, supervisor, waker) if audit is not None and audit_interval else None
+    )
     try:
         supervisor.attach_stopped_child(pid)
         if ticker:
             ticker.start()
         outcome = supervisor.run()
+    except BaseException:
+        # Whatever went wrong, leave no stopped or traced child behind.
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        _raise_child_report(report_r, argv[0])
+        raise
     finally:
         if ticker:
             ticker.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    report = os.read(report_r, 512).decode(errors="replace")
-    os.close(report_r)
+    _raise_child_report(report_r, argv[0])
+    return outcome
+
+
+def _raise_child_report(report_r: int, name: str) -> None:
+    """Raise what the child wrote before it could exec, if anything."""
+    try:
+        report = os.read(report_r, 512).decode(errors="replace")
+    finally:
+        os.close(report_r)
     kind, _, detail = report.partition(":")
     if kind == "setup":
         raise UnsupportedError(detail)
     if kind == "exec":
-        raise _exec_error(argv[0], int(detail))
-    return outcome
+        raise _exec_error(name, int(detail))
 
 
-# Periodic samples: a thread wakes the supervisor (blocked in waitpid) with a signal
-# whose default action is to ignore it, aimed at the main thread, the tracer.
-_SAMPLE_SIGNAL = signal.SIGURG
+# The supervisor sleeps in waitpid; timers wake it with a signal whose default action is
+# to ignore it, aimed at the main thread (the tracer), whose handler then does the work.
+_WAKE_SIGNAL = signal.SIGURG
+
+
+class _Waker:
+    def __init__(self) -> None:
+        self.main = threading.main_thread().ident or 0
+
+    def now(self) -> None:
+        signal.pthread_kill(self.main, _WAKE_SIGNAL)
+
+    def after(self, delay: float) -> None:
+        timer = threading.Timer(delay, self.now)
+        timer.daemon = True
+        timer.start()
 
 
 class _Ticker(threading.Thread):
-    def __init__(self, interval: float) -> None:
+    """Periodic audit samples (--audit-interval)."""
+
+    def __init__(self, interval: float, supervisor: Supervisor, waker: _Waker) -> None:
         super().__init__(daemon=True, name="xcr0run-audit")
         self.interval = interval
-        self.main = threading.main_thread().ident or 0
+        self.supervisor = supervisor
+        self.waker = waker
         self.done = threading.Event()
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
-            signal.pthread_kill(self.main, _SAMPLE_SIGNAL)
+            self.supervisor.sample_due = True
+            self.waker.now()
 
     def stop(self) -> None:
         self.done.set()

@@ -17,6 +17,8 @@ if TYPE_CHECKING:
 from xcr0run.errors import UnsupportedError
 from xcr0run.view import CpuidView, level_restriction
 
+_PATCH_MAX_BITS = 0x3FF
+
 
 class Method(str, enum.Enum):
     AUTO = "auto"
@@ -110,7 +112,14 @@ def make_plan(
         raise UnsupportedError(f"--method kernel: {caps.set_xcr0_detail}")
     if method is Method.CPUID and not caps.faulting:
         raise UnsupportedError(f"--method cpuid: no CPUID faulting ({caps.faulting_detail})")
-    set_xcr0 = want_kernel and caps.set_xcr0
+    # The 2020 patch refuses components from bit 10 up (AMX): such masks need cpuid.
+    kernel_fits = not mask & ~_PATCH_MAX_BITS
+    if method is Method.KERNEL and not kernel_fits:
+        raise UnsupportedError(
+            "--method kernel: ARCH_SET_XCR0 (the 2020 patch) refuses components above bit 9 "
+            f"({', '.join(c.name for c in xsave.components(mask & ~_PATCH_MAX_BITS))})"
+        )
+    set_xcr0 = want_kernel and caps.set_xcr0 and kernel_fits
     trap = caps.faulting  # the kernel mechanism still wants CPUID to agree with XCR0
     if not set_xcr0 and not trap:
         raise UnsupportedError(

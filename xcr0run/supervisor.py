@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import os
 import signal
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xcr0run import _native as n
 from xcr0run.audit import AuditLog
-from xcr0run.cpuid import PER_CPU_LEAVES, Registers, key
+from xcr0run.cpuid import PER_CPU_LEAVES, Registers
+from xcr0run.errors import Xcr0runError
 from xcr0run.view import CpuidView
 
 _CPUID_BYTES = 0xA20F  # 0f a2, as the low half of a little-endian word
@@ -31,6 +34,10 @@ _INT80_BYTES = 0x80CD  # cd 80
 _USER32_CS = 0x23  # a 32-bit program (ia32): arch_prctl is int 0x80, number 384
 _SYS_ARCH_PRCTL_32 = 384
 _STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
+# Stops the terminal causes, which reach xcr0run's whole process group: mirrored, so the
+# shell sees the job stopped. A SIGSTOP sent to the program alone is not (nobody would
+# continue xcr0run).
+_TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _OPTIONS = (
     n.PTRACE_O_TRACESYSGOOD
     | n.PTRACE_O_TRACEFORK
@@ -43,6 +50,10 @@ _OPTIONS = (
 # The XSAVE legacy area and header: all the audit reads of a thread's state.
 _XSTATE_HEAD = 576
 _XFEATURE_TILEDATA = 18
+# A forwarded signal waits this long for the program's own delivery of it...
+_FORWARD_DELAY = 0.05
+# ...and counts as delivered if the program got it this recently.
+_SAME_SIGNAL_WINDOW = 0.5
 _PTRACE_ATTACHING = {n.PTRACE_TRACEME, n.PTRACE_ATTACH, n.PTRACE_SEIZE}
 
 
@@ -82,8 +93,8 @@ class Outcome:
     warnings: list[str] = field(default_factory=list)
 
 
-class SupervisorError(Exception):
-    pass
+class SupervisorError(Xcr0runError):
+    """The supervisor could not do its job; the program tree has been killed."""
 
 
 class Supervisor:
@@ -100,6 +111,8 @@ class Supervisor:
         on_group_stop: Callable[[], None] | None = None,
         on_ptrace: Callable[[int, str], None] | None = None,
         grant_amx: bool = False,
+        forwarded: frozenset[int] = frozenset(),
+        wake_after: Callable[[float], None] | None = None,
     ) -> None:
         self.view = view
         self.trap_cpuid = trap_cpuid
@@ -112,6 +125,14 @@ class Supervisor:
         self._siginfo = n.SigInfo()
         self._on_group_stop = on_group_stop
         self._on_ptrace = on_ptrace  # (pid, program name): a traced program tried to trace
+        # Signals sent to xcr0run that are passed on; a signal sent to the whole process
+        # group reaches the program directly, and must not arrive twice. So forwarding
+        # waits a moment (wake_after calls on_wakeup) for the program's own delivery.
+        self._forwarded = forwarded
+        self._wake_after = wake_after
+        self._pending: dict[int, float] = {}
+        self._delivered: dict[int, float] = {}
+        self.sample_due = False
         self._options = _OPTIONS | (n.PTRACE_O_TRACEEXIT if audit else 0)
         # arch_prctl calls every new program image needs, since execve resets both:
         # (code, argument, required).
@@ -129,7 +150,15 @@ class Supervisor:
         _, status = os.waitpid(pid, os.WUNTRACED)
         if not os.WIFSTOPPED(status):
             raise SupervisorError(f"child {pid} ended before it could be traced")
-        n.ptrace_seize(pid, self._options)
+        try:
+            n.ptrace_seize(pid, self._options)
+        except n.NativeError as err:
+            if err.errno != errno.EPERM:
+                raise
+            raise SupervisorError(
+                "cannot trace the program: it is already traced (xcr0run itself runs under "
+                "a tracer or another xcr0run, and a process has one tracer)"
+            ) from err
         self.outcome = Outcome(pid=pid, processes=1, threads=1)
         self._tracees[pid] = Tracee(pid, pid, Phase.NEW)
         os.kill(pid, signal.SIGCONT)
@@ -143,10 +172,16 @@ class Supervisor:
                 tid, status = waitpid(-1, wall)
             except ChildProcessError:
                 break
-            if os.WIFSTOPPED(status):
-                self._stopped(tid, status)
-            else:
+            if not os.WIFSTOPPED(status):
                 self._gone(tid, status)
+                continue
+            try:
+                self._stopped(tid, status)
+            except n.NativeError as err:
+                # A thread killed while stopped (SIGKILL, exit_group in another thread)
+                # makes its pending ptrace calls fail with ESRCH; its exit report follows.
+                if err.errno != errno.ESRCH:
+                    raise
         return self.outcome
 
     def interrupt_all(self) -> None:
@@ -156,9 +191,36 @@ class Supervisor:
                 n.ptrace_interrupt(tid)
 
     def forward_signal(self, sig: int) -> None:
-        """Pass a signal sent to xcr0run on to the program."""
-        if self.outcome.pid and self.outcome.pid in self._tracees:
-            os.kill(self.outcome.pid, sig)
+        """A signal sent to xcr0run: pass it on, unless the program got it as well."""
+        pid = self.outcome.pid
+        if not pid or pid not in self._tracees:
+            return
+        now = time.monotonic()
+        if self._delivered.get(sig, -1.0) > now - _SAME_SIGNAL_WINDOW:
+            return
+        if self._wake_after is None:
+            os.kill(pid, sig)
+            return
+        self._pending[sig] = now
+        self._wake_after(_FORWARD_DELAY)
+
+    def on_wakeup(self) -> None:
+        """Called (from a signal handler in the tracer thread) when a timer fires."""
+        if self.sample_due:
+            self.sample_due = False
+            self.interrupt_all()
+        now = time.monotonic()
+        for sig, since in list(self._pending.items()):
+            if now - since < _FORWARD_DELAY * 0.9:
+                continue
+            del self._pending[sig]
+            pid = self.outcome.pid
+            if (
+                self._delivered.get(sig, -1.0) <= since - _SAME_SIGNAL_WINDOW
+                and pid in self._tracees
+            ):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
 
     def _gone(self, tid: int, status: int) -> None:
         self._tracees.pop(tid, None)
@@ -188,17 +250,16 @@ class Supervisor:
         elif event:
             self._event(tracee, event, sig)
         else:
+            if sig in self._forwarded and tracee.tgid == self.outcome.pid:
+                self._delivered[sig] = time.monotonic()
+                self._pending.pop(sig, None)  # it came to the program directly
             self._resume(tracee, sig)  # an ordinary signal: deliver it
 
     def _resume(self, tracee: Tracee, sig: int = 0) -> None:
-        try:
-            if tracee.phase is Phase.RUNNING or tracee.phase is Phase.NEW:
-                n.ptrace_cont(tracee.tid, sig)
-            else:
-                n.ptrace_syscall(tracee.tid, sig)
-        except n.NativeError as err:
-            if err.errno != 3:  # ESRCH: it died meanwhile (SIGKILL); its exit follows
-                raise
+        if tracee.phase is Phase.RUNNING or tracee.phase is Phase.NEW:
+            n.ptrace_cont(tracee.tid, sig)
+        else:
+            n.ptrace_syscall(tracee.tid, sig)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -206,13 +267,14 @@ class Supervisor:
         tid = tracee.tid
         if event in (n.PTRACE_EVENT_FORK, n.PTRACE_EVENT_VFORK, n.PTRACE_EVENT_CLONE):
             child = n.ptrace_geteventmsg(tid)
-            tgid = tracee.tgid if event == n.PTRACE_EVENT_CLONE else child
+            # clone() without CLONE_THREAD makes a process, reported as a clone event too.
+            tgid = _tgid(child) if event == n.PTRACE_EVENT_CLONE else child
             known = self._tracees.get(child)
             if known is None:
                 self._tracees[child] = Tracee(child, tgid, Phase.NEW)
             else:
                 known.tgid = tgid
-            if event == n.PTRACE_EVENT_CLONE:
+            if tgid == tracee.tgid:
                 self.outcome.threads += 1
             else:
                 self.outcome.processes += 1
@@ -244,7 +306,7 @@ class Supervisor:
             elif sig in _STOP_SIGNALS:
                 # Group-stop (Ctrl-Z, SIGSTOP): stay stopped until SIGCONT, as without us.
                 n.ptrace_listen(tid)
-                if tid == self.outcome.pid and self._on_group_stop:
+                if tid == self.outcome.pid and sig in _TERMINAL_STOPS and self._on_group_stop:
                     self._on_group_stop()
             else:
                 self._resume(tracee)
@@ -334,7 +396,8 @@ class Supervisor:
             if code == n.ARCH_SET_CPUID
             else f"run arch_prctl({code:#x}, {arg})"
         )
-        message = f"could not {what} in pid {tracee.tid}: {os.strerror(-result)}"
+        why = os.strerror(-result) if result < 0 else f"it returned {result}"
+        message = f"could not {what} in pid {tracee.tid}: {why}"
         if required:
             os.kill(tracee.tid, signal.SIGKILL)
             raise SupervisorError(message)
@@ -348,7 +411,7 @@ class Supervisor:
         if info.si_code != n.SI_KERNEL or info.si_addr != 0:
             return False
         regs = n.ptrace_getregs(tid, self._regs)
-        if n.ptrace_peek(tid, regs.rip) & 0xFFFF != _CPUID_BYTES:
+        if _instruction_bytes(tid, regs.rip) != _CPUID_BYTES:
             return False
         leaf, subleaf = regs.rax & 0xFFFFFFFF, regs.rcx & 0xFFFFFFFF
         regs.rax, regs.rbx, regs.rcx, regs.rdx = self.answer(tid, leaf, subleaf)
@@ -361,7 +424,9 @@ class Supervisor:
         return True
 
     def answer(self, tid: int, leaf: int, subleaf: int) -> Registers:
-        k = key(leaf, subleaf)
+        # Cached on the exact (leaf, sub-leaf): a leaf the tables think ignores ECX might
+        # not (new leaves, hypervisor ranges).
+        k = (leaf, subleaf)
         if leaf in PER_CPU_LEAVES:
             cpu = _current_cpu(tid)
             cached = self._per_cpu.get((cpu, *k))
@@ -374,6 +439,28 @@ class Supervisor:
             raw = self._native_cpuid(leaf, subleaf)
             cached = self._answers[k] = self.view.answer(leaf, subleaf, raw)
         return cached
+
+
+def _tgid(tid: int) -> int:
+    try:
+        with open(f"/proc/{tid}/status") as f:
+            for line in f:
+                if line.startswith("Tgid:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return tid
+
+
+def _instruction_bytes(tid: int, rip: int) -> int:
+    """The two bytes at `rip`. A word read there fails with EIO when the instruction ends
+    a page with nothing mapped after it; then read the word ending at rip + 2."""
+    try:
+        return n.ptrace_peek(tid, rip) & 0xFFFF
+    except n.NativeError as err:
+        if err.errno != errno.EIO:
+            raise
+        return n.ptrace_peek(tid, rip - 6) >> 48
 
 
 def _names(tid: int, tgid: int) -> tuple[str, str]:
@@ -402,11 +489,13 @@ def _current_cpu(tid: int) -> int:
 
 def _on_cpu(cpu: int, run: Callable[[], Registers]) -> Registers:
     """Run `run` on `cpu` (the answer names that CPU's APIC ID)."""
+    if cpu < 0:
+        return run()  # /proc unreadable: answer from where we are
     before = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {cpu})
     except OSError:
-        return run()  # unknown or forbidden CPU: answer from where we are
+        return run()  # a CPU we may not use: answer from where we are
     try:
         return run()
     finally:
