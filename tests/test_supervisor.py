@@ -161,26 +161,6 @@ def test_sigint_to_the_process_group_kills_program_and_launcher() -> None:
     assert proc.wait(timeout=30) == -signal.SIGINT
 
 
-def test_stop_and_continue_like_ctrl_z_and_fg() -> None:
-    """The terminal's Ctrl-Z sends SIGTSTP to the foreground process group; fg sends
-    SIGCONT. xcr0run must stop with the program, so the shell sees the job stopped.
-    (A new process group, not a new session: an orphaned group ignores SIGTSTP.)"""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xcr0run", "-q", "-m", MASK, "--", "sh", "-c", "sleep 1; echo done"],
-        preexec_fn=os.setpgrp,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTSTP)
-    _, status = os.waitpid(proc.pid, os.WUNTRACED)
-    assert os.WIFSTOPPED(status)  # the shell would say "Stopped"
-    time.sleep(1.5)
-    os.killpg(proc.pid, signal.SIGCONT)
-    out, _ = proc.communicate(timeout=30)
-    assert out == "done\n"
-
-
 def test_pipelines_stdin_and_sigpipe() -> None:
     run = f"{sys.executable} -m xcr0run -q -m {MASK} --"
     out = subprocess.run(
