@@ -249,6 +249,12 @@ def test_audit_catches_hidden_state_used_anyway(cbuild) -> None:
     toucher = result.stdout.split()[0].split("=")[1]
     assert result.returncode == 124
     assert f"tid {toucher} (touch" in result.stderr and "used hidden" in result.stderr
+    tracks = subprocess.run([cbuild("inittrack.c", "-mavx")], capture_output=True, text=True)
+    if tracks.stdout.strip() != "tracks":
+        pytest.skip(
+            "this (emulated) CPU reports every enabled XSAVE component as in use, so a "
+            "clean program cannot be told apart (the violation above was still caught)"
+        )
     clean = xcr0run(["--strict", "-m", mask, "--", touch, "sse", "0"])
     assert clean.returncode == 0
     assert "audit: no hidden state seen" in clean.stderr

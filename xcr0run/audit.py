@@ -10,13 +10,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from xcr0run import xsave
 from xcr0run.masks import format_mask
 
 LIMITS = (
     "samples are taken when a thread stops (CPUID traps, clone, signals, thread exit and "
     "any --audit-interval), not just before an exec replaces it; state back in its initial "
-    "configuration by then (for example after vzeroupper) is not seen"
+    "configuration by then (for example after vzeroupper) is not seen; pkru is not judged "
+    "(Linux gives every thread a non-initial PKRU)"
 )
+# Components whose in-use bit says nothing about the program: the kernel loads a default
+# PKRU (not the initial value 0) into every thread of a machine with protection keys.
+NOT_JUDGED = xsave.NAMES["pkru"]
 
 
 @dataclass
@@ -60,8 +65,12 @@ class AuditLog:
             seen |= use.seen
         return seen
 
+    @property
+    def judged(self) -> int:
+        return self.hidden & ~NOT_JUDGED
+
     def violations(self) -> list[ThreadUse]:
-        return [u for u in self.threads.values() if u.seen & self.hidden]
+        return [u for u in self.threads.values() if u.seen & self.judged]
 
     def missing(self, expected: list[tuple[str, int]]) -> list[str]:
         """The expected items (a component or a group) none of whose state was seen."""
@@ -70,14 +79,14 @@ class AuditLog:
 
     def summary(self) -> list[str]:
         """Lines for stderr at exit: the threads that used hidden state, or that none did."""
-        if not self.hidden:
+        if not self.judged:
             return []
         bad = self.violations()
         if not bad:
             return [f"audit: no hidden state seen in {self.samples()} samples", f"audit: {LIMITS}"]
         lines = [
             f"audit: pid {u.pid} tid {u.tid} ({u.comm}, {u.exe}) used hidden "
-            f"{format_mask(u.seen & self.hidden)}"
+            f"{format_mask(u.seen & self.judged)}"
             for u in bad
         ]
         return [*lines, f"audit: {LIMITS}"]
@@ -90,7 +99,7 @@ class AuditLog:
             "hidden": format_mask(self.hidden) if self.hidden else "",
             "used": format_mask(self.used) if self.used else "",
             "samples": self.samples(),
-            "violations": [u.to_json(self.hidden) for u in self.violations()],
-            "threads": [u.to_json(self.hidden) for u in self.threads.values()],
+            "violations": [u.to_json(self.judged) for u in self.violations()],
+            "threads": [u.to_json(self.judged) for u in self.threads.values()],
             "limits": LIMITS,
         }
