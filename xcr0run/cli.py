@@ -483,8 +483,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         _fail(err.format_message(), ExitStatus.FAILURE, usage=True)
     except click.ClickException as err:
         _fail(err.format_message(), ExitStatus.FAILURE)
-    except click.Abort:
-        _fail("aborted", ExitStatus.FAILURE)
+    except (click.Abort, KeyboardInterrupt):
+        # Ctrl-C before the program started: die of SIGINT, as the program would have.
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(128 + signal.SIGINT)
     except Xcr0runError as err:
         _fail(str(err), err.status)
     except OSError as err:

@@ -21,10 +21,12 @@ static void *touch(void *unused)
     static const double ones[8] = {1, 1, 1, 1, 1, 1, 1, 1};
     if (strcmp(kind, "avx") == 0)
         __asm__ volatile("vmovupd %0, %%ymm0" ::"m"(ones) : "xmm0");
+#ifdef __AVX512F__
     else if (strcmp(kind, "zmm") == 0)
         __asm__ volatile("vmovupd %0, %%zmm0\n\tkxnorw %%k1, %%k1, %%k1\n\t"
                          "vmovupd %0, %%zmm16" ::"m"(ones)
                          : "xmm0", "xmm16");
+#endif
     else
         __asm__ volatile("movupd %0, %%xmm0" ::"m"(ones) : "xmm0");
     toucher_tid = syscall(SYS_gettid);
