@@ -82,14 +82,22 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     parser.add_argument("--guest", action="store_true", help="run inside the TCG guest")
+    parser.add_argument("--runners", help="comma-separated subset of the columns (default: all)")
     args = parser.parse_args()
     if args.guest:
         from tests.guest.run_in_guest import run_in_guest
 
         argv = [sys.executable, str(HERE / "bench.py")] + (["--quick"] if args.quick else [])
+        if args.runners:
+            argv += ["--runners", args.runners]
         if args.markdown:
             argv += ["--markdown", str(Path(args.markdown).resolve())]
-        result = run_in_guest(argv, cwd=str(ROOT), timeout=3600)
+        result = run_in_guest(
+            argv,
+            cwd=str(ROOT),
+            timeout=3600,
+            writable=[str(Path(args.markdown).parent)] if args.markdown else (),
+        )
         sys.stdout.write(result.stdout)
         sys.stderr.write(result.stderr)
         return result.returncode
@@ -120,6 +128,9 @@ def main() -> int:
         "qemu-user": [qemu, "-cpu", "max"] if qemu else None,
         "valgrind": [valgrind, "-q", "--tool=none"] if valgrind else None,
     }
+    if args.runners:
+        keep = [r.strip() for r in args.runners.split(",")]
+        runners = {name: runners[name] for name in keep}
     rows: list[tuple[str, str, dict[str, float | None]]] = []
 
     def row(name: str, unit: str, measure) -> None:  # type: ignore[no-untyped-def]
