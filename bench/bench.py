@@ -90,6 +90,7 @@ def main() -> int:
         argv = [sys.executable, str(HERE / "bench.py")] + (["--quick"] if args.quick else [])
         if args.runners:
             argv += ["--runners", args.runners]
+        argv += ["--cpu-iterations", str(args.cpu_iterations)]
         if args.markdown:
             argv += ["--markdown", str(Path(args.markdown).resolve())]
         result = run_in_guest(
@@ -148,7 +149,8 @@ def main() -> int:
     row("start /bin/true", "ms", lambda p: _ms(wall([*p, "/bin/true"], runs)))
     row("start python3 -c pass", "ms", lambda p: _ms(wall([*p, py, "-c", "pass"], runs)))
     row("200 processes (sh loop)", "ms", lambda p: _ms(wall([*p, *loop200], max(3, runs // 2))))
-    row("CPU-bound program", "ms", lambda p: _ms(wall([*p, bins["cpu_bound"]], max(3, runs // 2))))
+    work = [bins["cpu_bound"], str(args.cpu_iterations)]
+    row("CPU-bound program", "ms", lambda p: _ms(wall([*p, *work], max(3, runs // 2))))
     bare_python = _ms(wall([py, "-c", "pass"], runs))
 
     print(render(rows, list(runners), mask, faulting.detail, bare_python))

@@ -16,7 +16,7 @@ from xcr0run import envhints, features, host, inspect, profiles
 from xcr0run.view import CpuidView, level_restriction
 
 XCR0 = host.xcr0()
-TABLE = host.cpuid_table()
+TABLE = host.full_cpuid_table()
 
 
 def _ldso_levels(prefix: list[str]) -> set[str]:

@@ -52,12 +52,18 @@ def key(leaf: int, subleaf: int) -> tuple[int, int]:
 @dataclass
 class CpuidTable:
     entries: dict[tuple[int, int], Registers] = field(default_factory=dict)
+    # With a source, leaves are read from it when first asked for (the live CPU).
+    source: Callable[[int, int], Registers] | None = field(default=None, repr=False, compare=False)
 
     def get(self, leaf: int, subleaf: int = 0) -> Registers | None:
-        return self.entries.get(key(leaf, subleaf))
+        k = key(leaf, subleaf)
+        regs = self.entries.get(k)
+        if regs is None and self.source is not None:
+            regs = self.entries[k] = self.source(*k)
+        return regs
 
     def __getitem__(self, leaf_subleaf: tuple[int, int]) -> Registers:
-        return self.entries.get(key(*leaf_subleaf), (0, 0, 0, 0))
+        return self.get(*leaf_subleaf) or (0, 0, 0, 0)
 
     def has_bit(self, leaf: int, subleaf: int, register: str, bit: int) -> bool:
         regs = self.get(leaf, subleaf)

@@ -29,6 +29,12 @@ def xinuse() -> int | None:
 
 
 def cpuid_table() -> CpuidTable:
+    """This CPU's answers, read as they are asked for."""
+    return CpuidTable(source=_native.cpuid)
+
+
+def full_cpuid_table() -> CpuidTable:
+    """Every leaf and sub-leaf this CPU reports (for dumps)."""
     return read_table(_native.cpuid)
 
 

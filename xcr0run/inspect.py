@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xcr0run import features, host, xsave
@@ -246,12 +245,13 @@ def describe_spec(
 
 # -- profiles ---------------------------------------------------------------------------------
 
-_PROFILE_DIR = Path(__file__).parent / "profiles"
+_PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
 
 
 def reference_profiles() -> list[str]:
     """Names --profile accepts besides files: psABI levels and shipped CPU generations."""
-    return [*LEVELS, *sorted(p.stem for p in _PROFILE_DIR.glob("*.json"))]
+    shipped = (f[:-5] for f in os.listdir(_PROFILE_DIR) if f.endswith(".json"))
+    return [*LEVELS, *sorted(shipped)]
 
 
 def load_profile(name: str) -> CpuidProfile:
@@ -264,22 +264,24 @@ def load_profile(name: str) -> CpuidProfile:
         table = profiles.table_from_features(sorted(needed))
         source = f"the x86-64 psABI's list for {name}"
         return profiles.CpuidProfile(name, table, level_restriction(name)[0], source)
-    path = Path(name)
-    if not path.exists() and (_PROFILE_DIR / f"{name}.json").exists():
-        path = _PROFILE_DIR / f"{name}.json"
+    path, shown = name, name
+    shipped = os.path.join(_PROFILE_DIR, f"{name}.json")
+    if not os.path.exists(path) and os.path.exists(shipped):
+        path = shipped
     try:
-        text = path.read_text()
+        with open(path) as f:
+            text = f.read()
     except OSError as err:
         known = ", ".join(reference_profiles())
         raise Xcr0runError(
             f"cannot read profile {name}: {err.strerror} (built in: {known})"
         ) from err
-    return profiles.parse(text, path.stem if path.parent == _PROFILE_DIR else name)
+    return profiles.parse(text, shown)
 
 
 def dump_cpuid() -> dict[str, Any]:
     """This machine's whole CPUID table, XCR0 and the kernel's view, as a profile."""
-    table = host.cpuid_table()
+    table = host.full_cpuid_table()
     xcomp = host.xcomp()
     kernel = {
         "xcomp_supported": None if xcomp.supported is None else f"{xcomp.supported:#x}",

@@ -72,8 +72,8 @@ def isa_needs(path: str) -> list[IsaNeed]:
         seen.add(current)
         try:
             with open(current, "rb") as f:
-                # Headers and notes sit near the start; read further only if they do not.
-                data = f.read(64 << 10)
+                # Headers and notes sit at the start; read further only if they do not.
+                data = f.read(4 << 10)
                 end = isalevel.headers_end(data)
                 if end > len(data):
                     data += f.read(min(end, 16 << 20) - len(data))

@@ -12,7 +12,6 @@ Pure module: the host's XCR0 is passed in, never read here.
 
 from __future__ import annotations
 
-import difflib
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -59,6 +58,8 @@ def vocabulary() -> list[str]:
 
 
 def suggest(word: str, candidates: Iterable[str] | None = None) -> str | None:
+    import difflib  # only when something is misspelt
+
     pool = list(vocabulary() if candidates is None else candidates)
     close = difflib.get_close_matches(word, pool, n=1, cutoff=0.6)
     return close[0] if close else None

@@ -4,7 +4,6 @@ banner (plain text, so the launch path never imports rich).
 
 from __future__ import annotations
 
-import json
 from typing import IO, Any
 
 from xcr0run.inspect import ShowReport
@@ -14,6 +13,8 @@ PROG = "xcr0run"
 
 
 def to_json(data: Any) -> str:
+    import json
+
     return json.dumps(data, indent=2, sort_keys=False)
 
 

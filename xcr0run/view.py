@@ -162,8 +162,11 @@ class CpuidView:
         )
 
     def apply(self, table: CpuidTable) -> CpuidTable:
-        """The whole table as the program would see it."""
-        return CpuidTable({k: self.answer(k[0], k[1], regs) for k, regs in table.entries.items()})
+        """The whole table as the program would see it (lazy if `table` is)."""
+        seen = CpuidTable({k: self.answer(k[0], k[1], regs) for k, regs in table.entries.items()})
+        if table.source is not None:
+            seen.source = lambda leaf, subleaf: self.answer(leaf, subleaf, table[(leaf, subleaf)])
+        return seen
 
     def hidden_present(self, table: CpuidTable) -> list[str]:
         """Hidden features the host really has, in table order: what the mask takes away."""
