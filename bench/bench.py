@@ -83,6 +83,12 @@ def main() -> int:
     parser.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown")
     parser.add_argument("--guest", action="store_true", help="run inside the TCG guest")
     parser.add_argument("--runners", help="comma-separated subset of the columns (default: all)")
+    parser.add_argument(
+        "--cpu-iterations",
+        type=int,
+        default=2_000_000_000,
+        help="size of the CPU-bound program (default: about 3 s natively)",
+    )
     args = parser.parse_args()
     if args.guest:
         from tests.guest.run_in_guest import run_in_guest
