@@ -11,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-import struct
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -411,17 +410,21 @@ def ptrace_poke(pid: int, address: int, word: int) -> None:
     _ptrace(PTRACE_POKETEXT, pid, address, ctypes.c_uint64(word).value)
 
 
-def ptrace_getregset(pid: int, note_type: int, size: int) -> bytes:
-    """A register set (e.g. NT_X86_XSTATE); the kernel trims it to its real size."""
-    buf = ctypes.create_string_buffer(size)
-    iov = IoVec(ctypes.addressof(buf), size)
-    _ptrace(PTRACE_GETREGSET, pid, note_type, ctypes.addressof(iov))
-    return buf.raw[: iov.iov_len]
+class XStateHeadReader:
+    """Reads the XSAVE legacy area and header (576 bytes of NT_X86_XSTATE) into one
+    buffer kept for reuse: the audit does this at every stop."""
 
+    SIZE = 576
 
-def xstate_header(area: bytes) -> tuple[int, int]:
-    """(XCR0, XSTATE_BV) from a standard-format XSAVE area read with NT_X86_XSTATE:
-    Linux keeps XCR0 in the software-reserved bytes at 464; the header starts at 512."""
-    (xcr0,) = struct.unpack_from("<Q", area, 464)
-    (xstate_bv,) = struct.unpack_from("<Q", area, 512)
-    return xcr0, xstate_bv
+    def __init__(self) -> None:
+        self._buf = ctypes.create_string_buffer(self.SIZE)
+        self._iov = IoVec(ctypes.addressof(self._buf), self.SIZE)
+        self._iov_at = ctypes.addressof(self._iov)
+        self._xcr0 = ctypes.c_uint64.from_buffer(self._buf, 464)
+        self._xstate_bv = ctypes.c_uint64.from_buffer(self._buf, 512)
+
+    def read(self, pid: int) -> tuple[int, int]:
+        """(XCR0, XSTATE_BV) of a stopped tracee."""
+        self._iov.iov_len = self.SIZE
+        _ptrace(PTRACE_GETREGSET, pid, NT_X86_XSTATE, self._iov_at)
+        return self._xcr0.value, self._xstate_bv.value

@@ -251,6 +251,7 @@ def thread_states(pid: int) -> list[ThreadState]:
     the length of one register read and left as it was.
     """
     states = []
+    reader = _native.XStateHeadReader()
     for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
         tid = int(name)
         try:
@@ -264,8 +265,7 @@ def thread_states(pid: int) -> list[ThreadState]:
             _, status = os.waitpid(tid, _native.WALL)
             if os.WIFSTOPPED(status) and status >> 16 == 0:
                 pending = os.WSTOPSIG(status)  # a signal-delivery stop, not ours
-            head = _native.ptrace_getregset(tid, _native.NT_X86_XSTATE, 576)
-            xcr0_value, xstate_bv = _native.xstate_header(head)
+            xcr0_value, xstate_bv = reader.read(tid)
             states.append(ThreadState(tid, _comm(tid), xcr0_value, xstate_bv))
         except (_native.NativeError, ChildProcessError) as err:
             states.append(ThreadState(tid, _comm(tid), None, None, str(err)))

@@ -47,8 +47,6 @@ _OPTIONS = (
     | n.PTRACE_O_TRACESECCOMP  # the filter's ptrace stops (see Supervisor.on_ptrace)
     | n.PTRACE_O_EXITKILL  # if we die, nothing keeps running with nobody to answer
 )
-# The XSAVE legacy area and header: all the audit reads of a thread's state.
-_XSTATE_HEAD = 576
 _XFEATURE_TILEDATA = 18
 # A forwarded signal waits this long for the program's own delivery of it...
 _FORWARD_DELAY = 0.05
@@ -123,6 +121,8 @@ class Supervisor:
         self._tracees: dict[int, Tracee] = {}
         self._regs = n.UserRegs()
         self._siginfo = n.SigInfo()
+        self._xstate = n.XStateHeadReader()
+        self._leaf_counts: dict[tuple[int, int], int] = {}
         self._on_group_stop = on_group_stop
         self._on_ptrace = on_ptrace  # (pid, program name): a traced program tried to trace
         # Signals sent to xcr0run that are passed on; a signal sent to the whole process
@@ -182,6 +182,11 @@ class Supervisor:
                 # makes its pending ptrace calls fail with ESRCH; its exit report follows.
                 if err.errno != errno.ESRCH:
                     raise
+        counts = self._leaf_counts
+        self.outcome.cpuid_traps = sum(counts.values())
+        self.outcome.leaves = {
+            f"{leaf:#x}.{sub}": counts[leaf, sub] for leaf, sub in sorted(counts)
+        }
         return self.outcome
 
     def interrupt_all(self) -> None:
@@ -318,12 +323,11 @@ class Supervisor:
     def _sample(self, tracee: Tracee) -> None:
         assert self.audit is not None
         try:
-            head = n.ptrace_getregset(tracee.tid, n.NT_X86_XSTATE, _XSTATE_HEAD)
+            _, xstate_bv = self._xstate.read(tracee.tid)
         except n.NativeError:
             return  # not in a ptrace-stop we can read (e.g. already gone)
         if tracee.names is None:
             tracee.names = _names(tracee.tid, tracee.tgid)
-        _, xstate_bv = n.xstate_header(head)
         self.audit.note(tracee.tid, tracee.tgid, xstate_bv, *tracee.names)
 
     def _ptrace_attempt(self, tracee: Tracee) -> None:
@@ -418,9 +422,8 @@ class Supervisor:
         regs.rip += 2
         n.ptrace_setregs(tid, regs)
         n.ptrace_cont(tid)
-        self.outcome.cpuid_traps += 1
-        name = f"{leaf:#x}.{subleaf}"
-        self.outcome.leaves[name] = self.outcome.leaves.get(name, 0) + 1
+        counts = self._leaf_counts
+        counts[leaf, subleaf] = counts.get((leaf, subleaf), 0) + 1
         return True
 
     def answer(self, tid: int, leaf: int, subleaf: int) -> Registers:
