@@ -341,20 +341,8 @@ def _ptrace(request: int, pid: int, addr: int, data: int | ctypes.c_void_p | Non
     return _check(_libc.ptrace(request, pid, addr, data), "ptrace", pid)
 
 
-def ptrace_traceme() -> None:
-    _ptrace(PTRACE_TRACEME, 0, 0, 0)
-
-
 def ptrace_seize(pid: int, options: int) -> None:
     _ptrace(PTRACE_SEIZE, pid, 0, options)
-
-
-def ptrace_attach(pid: int) -> None:
-    _ptrace(PTRACE_ATTACH, pid, 0, 0)
-
-
-def ptrace_setoptions(pid: int, options: int) -> None:
-    _ptrace(PTRACE_SETOPTIONS, pid, 0, options)
 
 
 def ptrace_cont(pid: int, sig: int = 0) -> None:

@@ -84,11 +84,6 @@ def xcomp() -> XComp:
     )
 
 
-def request_xcomp_perm(component: int) -> int:
-    """ARCH_REQ_XCOMP_PERM for this process; returns 0 or -errno."""
-    return _native.arch_prctl_raw(_native.ARCH_REQ_XCOMP_PERM, component)
-
-
 # -- ARCH_SET_XCR0 ---------------------------------------------------------------------------
 
 

@@ -58,10 +58,6 @@ class Plan:
         parts = [name for name, on in (("kernel", self.set_xcr0), ("cpuid", self.trap_cpuid)) if on]
         return "+".join(parts) or ("env" if self.env_only else "none")
 
-    @property
-    def hides_anything(self) -> bool:
-        return bool(self.view.hidden) or self.mask != self.view.host_xcr0
-
     def describe(self) -> str:
         """How the mask is achieved, in one line."""
         if self.set_xcr0:
