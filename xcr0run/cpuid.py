@@ -115,3 +115,23 @@ def _subleaves(leaf: int, run: Callable[[int, int], Registers]) -> Iterator[tupl
             yield n, regs
             if not _WHILE[leaf](n, regs):
                 break
+
+
+# Legacy prefixes that may stand before CPUID (SDM vol. 2, 2.1.1); LOCK (f0) makes it #UD
+# instead, so it never traps as CPUID. In 64-bit code one REX byte (40-4f) may follow
+# them; in 32-bit code those bytes are INC/DEC instructions.
+_LEGACY_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
+_MAX_INSTRUCTION = 15
+
+
+def cpuid_length(code: bytes, compat: bool = False) -> int:
+    """The length of the CPUID instruction `code` starts with (prefixes included), or 0
+    if it does not start with one. `compat`: 32-bit code."""
+    at = 0
+    while at < len(code) and code[at] in _LEGACY_PREFIXES:
+        at += 1
+    if not compat and at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    if code[at : at + 2] == b"\x0f\xa2" and at + 2 <= _MAX_INSTRUCTION:
+        return at + 2
+    return 0

@@ -1,0 +1,130 @@
+"""What a trapped CPUID does to the program's signal state, and how to undo it.
+
+A faulting CPUID is delivered as a forced SIGSEGV (kernel/signal.c,
+force_sig_info_to_task). When SIGSEGV is blocked in the thread, or ignored, the kernel
+first sets the process's SIGSEGV handler to SIG_DFL and unblocks SIGSEGV in that thread;
+the supervisor sees the stop only afterwards. To put things back it must know the state
+from before, so it follows the calls that change it (the seccomp filter stops them):
+rt_sigaction, rt_sigprocmask, rt_sigreturn, and the deliveries of signals to handlers.
+
+Pure module: numbers in, decisions out. Signal masks are 64-bit sets, bit (sig - 1).
+Limits: the temporary masks of sigsuspend, ppoll, pselect6 and epoll_pwait are not
+followed, nor is the signal state of 32-bit (int 0x80) code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SIGKILL, SIGSEGV, SIGSTOP = 9, 11, 19
+SIG_DFL, SIG_IGN = 0, 1
+SA_NODEFER = 0x40000000
+SA_RESETHAND = 0x80000000
+SIG_BLOCK, SIG_UNBLOCK, SIG_SETMASK = 0, 1, 2
+_UNBLOCKABLE = (1 << (SIGKILL - 1)) | (1 << (SIGSTOP - 1))
+SEGV_BIT = 1 << (SIGSEGV - 1)
+# struct sigaction as the kernel reads it (x86-64): handler, flags, restorer, mask.
+SIGACTION_WORDS = 4
+# At rt_sigreturn's entry RSP points at the ucontext (the handler's `ret` popped the
+# frame's return address); uc_sigmask follows uc_flags, uc_link, uc_stack (24 bytes)
+# and the 256-byte sigcontext.
+UC_SIGMASK_OFFSET = 8 + 8 + 24 + 256
+
+
+def bit(sig: int) -> int:
+    return 1 << (sig - 1)
+
+
+@dataclass(frozen=True)
+class Disposition:
+    handler: int = SIG_DFL
+    flags: int = 0
+    restorer: int = 0
+    mask: int = 0
+
+    @property
+    def is_function(self) -> bool:
+        return self.handler not in (SIG_DFL, SIG_IGN)
+
+    def words(self) -> tuple[int, int, int, int]:
+        return (self.handler, self.flags, self.restorer, self.mask)
+
+
+_DEFAULT = Disposition()
+_IGNORED = Disposition(SIG_IGN)
+
+
+@dataclass
+class ProcessSignals:
+    """The dispositions of one process that differ from SIG_DFL."""
+
+    actions: dict[int, Disposition] = field(default_factory=dict)
+
+    def get(self, sig: int) -> Disposition:
+        return self.actions.get(sig, _DEFAULT)
+
+    def set(self, sig: int, action: Disposition) -> None:
+        if action == _DEFAULT:
+            self.actions.pop(sig, None)
+        else:
+            self.actions[sig] = action
+
+    def copy(self) -> ProcessSignals:
+        return ProcessSignals(dict(self.actions))
+
+    def after_exec(self) -> ProcessSignals:
+        """execve keeps SIG_IGN and sets handlers back to SIG_DFL, flags and masks
+        cleared (flush_signal_handlers)."""
+        return ProcessSignals(
+            {s: _IGNORED for s, a in self.actions.items() if a.handler == SIG_IGN}
+        )
+
+    @classmethod
+    def ignoring(cls, ignored: int) -> ProcessSignals:
+        """From a SigIgn set (as /proc/<pid>/status shows it)."""
+        return cls({s: _IGNORED for s in range(1, 65) if ignored & bit(s)})
+
+
+def after_sigprocmask(current: int, how: int, new: int) -> int:
+    """The mask rt_sigprocmask(how, &new) leaves (an invalid `how` changes nothing)."""
+    if how == SIG_BLOCK:
+        result = current | new
+    elif how == SIG_UNBLOCK:
+        result = current & ~new
+    elif how == SIG_SETMASK:
+        result = new
+    else:
+        result = current
+    return result & ~_UNBLOCKABLE
+
+
+def on_delivery(blocked: int, sig: int, action: Disposition) -> int:
+    """The mask a thread runs its handler for `sig` with."""
+    if not action.is_function:
+        return blocked
+    added = action.mask | (0 if action.flags & SA_NODEFER else bit(sig))
+    return (blocked | added) & ~_UNBLOCKABLE
+
+
+@dataclass(frozen=True)
+class TrapRepair:
+    """What to put back after a CPUID trap the kernel delivered as a forced SIGSEGV."""
+
+    action: Disposition | None  # the SIGSEGV disposition to reinstall, if it was reset
+    reblock: bool  # SIGSEGV was blocked in the thread and must be blocked again
+
+    @property
+    def needed(self) -> bool:
+        return self.action is not None or self.reblock
+
+
+NO_REPAIR = TrapRepair(None, False)
+
+
+def repair_after_trap(segv: Disposition, blocked: int) -> TrapRepair:
+    """The kernel reset SIGSEGV to SIG_DFL if it was blocked or ignored, and unblocked it
+    if it was blocked."""
+    was_blocked = bool(blocked & SEGV_BIT)
+    if not was_blocked and segv.handler != SIG_IGN:
+        return NO_REPAIR
+    return TrapRepair(None if segv.handler == SIG_DFL else segv, was_blocked)
