@@ -7,11 +7,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import xcr0run
+from tests.conftest import comm, tracer_of, wait_for, xcr0run
 from xcr0run import host, masks, xsave
 
 XCR0 = host.xcr0()
@@ -68,15 +67,10 @@ def test_show_pid_recognises_a_program_under_xcr0run() -> None:
         [sys.executable, "-m", "xcr0run", "-q", "-m", "host", "--audit", "--", "sleep", "20"]
     )
     try:
-        for _ in range(100):
-            children = subprocess.run(
-                ["pgrep", "-P", str(proc.pid), "-x", "sleep"], capture_output=True, text=True
-            ).stdout.split()
-            if children:
-                break
-            time.sleep(0.05)
-        data = json.loads(xcr0run(["--show", "-p", children[0], "--json"], check=True).stdout)
-        assert data["under_xcr0run"] is True and data["tracer"] == proc.pid
+        # xcr0run becomes the program: same pid, traced by its helper.
+        wait_for(lambda: comm(proc.pid) == "sleep")
+        data = json.loads(xcr0run(["--show", "-p", str(proc.pid), "--json"], check=True).stdout)
+        assert data["under_xcr0run"] is True and data["tracer"] == tracer_of(proc.pid)
     finally:
         proc.kill()
         proc.wait()

@@ -29,42 +29,6 @@ def test_threads_dying_in_our_hands_do_not_end_the_run(cbuild) -> None:
         assert (result.returncode, result.stderr) == (0, "")
 
 
-def test_a_signal_to_the_whole_group_arrives_once(tmp_path) -> None:
-    script = (
-        "n=0; trap 'n=$((n+1))' TERM; i=0; while [ $i -lt 20 ]; do sleep 0.05; "
-        "i=$((i+1)); done; echo $n"
-    )
-    for send, name in ((os.killpg, "group"), (os.kill, "xcr0run alone")):
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "xcr0run", *FOLLOW, "--", "sh", "-c", script],
-            stdout=subprocess.PIPE,
-            text=True,
-            preexec_fn=os.setpgrp,
-        )
-        time.sleep(0.5)
-        send(proc.pid, signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
-        assert out.strip() == "1", name
-
-
-def test_a_program_stopped_by_sigstop_alone_can_be_continued() -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "xcr0run", *FOLLOW, "--", "sh", "-c", "sleep 0.5; echo done"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    time.sleep(0.3)
-    child = int(
-        subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()[0]
-    )
-    os.kill(child, signal.SIGSTOP)
-    time.sleep(0.5)
-    os.kill(child, signal.SIGCONT)
-    assert proc.communicate(timeout=30)[0] == "done\n"
-
-
 def test_nested_xcr0run_fails_cleanly_instead_of_hanging() -> None:
     result = xcr0run(
         [*FOLLOW, "--", sys.executable, "-m", "xcr0run", *FOLLOW, "--", "true"], timeout=60

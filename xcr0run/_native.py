@@ -49,6 +49,8 @@ PTRACE_GETREGSET = 0x4204
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 
 PTRACE_O_TRACESYSGOOD = 0x01
 PTRACE_O_TRACEFORK = 0x02
@@ -77,16 +79,10 @@ WALL = 0x40000000
 SI_KERNEL = 0x80
 SI_USER = 0
 
-# <linux/prctl.h>, <linux/seccomp.h>, <linux/audit.h>, <linux/filter.h>
+# <linux/prctl.h>, <linux/seccomp.h> (the filter itself: seccomp.py)
 PR_SET_NO_NEW_PRIVS = 38
+PR_SET_PTRACER = 0x59616D61  # Yama: who may attach to this process
 SECCOMP_SET_MODE_FILTER = 1
-SECCOMP_RET_ALLOW = 0x7FFF0000
-SECCOMP_RET_ERRNO = 0x00050000
-SECCOMP_RET_TRACE = 0x7FF00000
-AUDIT_ARCH_X86_64 = 0xC000003E
-AUDIT_ARCH_I386 = 0x40000003
-SYS_arch_prctl_32 = 384  # <asm/unistd_32.h>
-X32_SYSCALL_BIT = 0x40000000
 
 
 class NativeError(OSError):
@@ -282,56 +278,26 @@ def address_mapped(address: int, length: int = 8) -> bool:
 
 # -- seccomp ----------------------------------------------------------------------------------
 
-_BPF_LD_W_ABS = 0x20  # BPF_LD | BPF_W | BPF_ABS
-_BPF_JEQ_K = 0x15  # BPF_JMP | BPF_JEQ | BPF_K
-_BPF_RET_K = 0x06  # BPF_RET | BPF_K
-# struct seccomp_data offsets, <linux/seccomp.h>
-_SECCOMP_NR, _SECCOMP_ARCH, _SECCOMP_ARG0_LO = 0, 4, 16
 
-
-def install_filter(deny_arch_prctl: int | None, trace_ptrace: bool) -> None:
-    """Install a seccomp filter in this process and everything it starts (filters survive
-    fork and execve): arch_prctl(deny_arch_prctl, ...) fails with EPERM, and with
-    `trace_ptrace` every ptrace call stops the caller for its tracer first
-    (PTRACE_EVENT_SECCOMP), so the supervisor can explain why it will fail."""
-    prog: list[tuple[int, int, int, int]] = [(_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH)]
-    if deny_arch_prctl is not None:
-        # A 64-bit program can still make 32-bit system calls (int 0x80): there,
-        # arch_prctl is number 384 and must be refused as well.
-        prog += [
-            (_BPF_JEQ_K, 0, 6, AUDIT_ARCH_I386),
-            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),
-            (_BPF_JEQ_K, 0, 2, SYS_arch_prctl_32),
-            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
-            (_BPF_JEQ_K, 1, 0, deny_arch_prctl),
-            (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),
-            (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM),
-            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARCH),
-        ]
-    prog += [
-        (_BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-        (_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW),  # other ABIs: left alone
-        (_BPF_LD_W_ABS, 0, 0, _SECCOMP_NR),
-    ]
-    if trace_ptrace:
-        prog += [
-            (_BPF_JEQ_K, 0, 1, SYS_ptrace),
-            (_BPF_RET_K, 0, 0, SECCOMP_RET_TRACE),
-        ]
-    if deny_arch_prctl is not None:
-        prog += [
-            (_BPF_JEQ_K, 1, 0, SYS_arch_prctl),
-            (_BPF_JEQ_K, 0, 3, SYS_arch_prctl | X32_SYSCALL_BIT),
-            (_BPF_LD_W_ABS, 0, 0, _SECCOMP_ARG0_LO),
-            (_BPF_JEQ_K, 0, 1, deny_arch_prctl),
-            (_BPF_RET_K, 0, 0, SECCOMP_RET_ERRNO | _errno.EPERM),
-        ]
-    prog.append((_BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW))
-    filters = (SockFilter * len(prog))(*(SockFilter(*insn) for insn in prog))
-    fprog = SockFprog(len(prog), filters)
+def install_filter(program: list[tuple[int, int, int, int]]) -> None:
+    """Install a seccomp filter (seccomp.build's instructions) in this process and all
+    it starts: filters survive fork and execve. Without CAP_SYS_ADMIN the kernel asks
+    for no_new_privs first."""
+    filters = (SockFilter * len(program))(*(SockFilter(*insn) for insn in program))
+    fprog = SockFprog(len(program), filters)
     if os.geteuid() != 0:
         _check(_libc.syscall(SYS_prctl, PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
     _check(_libc.syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(fprog)), "seccomp")
+
+
+def set_ptracer(pid: int) -> bool:
+    """Let `pid` attach to this process where Yama restricts ptrace to ancestors (0:
+    nobody extra). False where Yama is absent (EINVAL), as nothing needs allowing."""
+    result = _libc.syscall(SYS_prctl, PR_SET_PTRACER, ctypes.c_ulong(pid), 0, 0, 0)
+    if result == -1 and ctypes.get_errno() == _errno.EINVAL:
+        return False
+    _check(result, "prctl(PR_SET_PTRACER)")
+    return True
 
 
 # -- ptrace -----------------------------------------------------------------------------------
@@ -396,6 +362,17 @@ def ptrace_peek(pid: int, address: int) -> int:
 
 def ptrace_poke(pid: int, address: int, word: int) -> None:
     _ptrace(PTRACE_POKETEXT, pid, address, ctypes.c_uint64(word).value)
+
+
+def ptrace_getsigmask(pid: int) -> int:
+    mask = ctypes.c_uint64(0)
+    _ptrace(PTRACE_GETSIGMASK, pid, 8, ctypes.addressof(mask))
+    return mask.value
+
+
+def ptrace_setsigmask(pid: int, mask: int) -> None:
+    value = ctypes.c_uint64(mask)
+    _ptrace(PTRACE_SETSIGMASK, pid, 8, ctypes.addressof(value))
 
 
 class XStateHeadReader:

@@ -4,6 +4,7 @@ prints or exits; everything it does goes through the library.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -15,17 +16,14 @@ import click
 from click.shell_completion import CompletionItem
 
 if TYPE_CHECKING:
-    from xcr0run.audit import AuditLog
     from xcr0run.profiles import CpuidProfile
 
 from xcr0run import __version__, host, masks
 from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
 from xcr0run.plan import Method, ViewSpec, shape_view
-from xcr0run.supervisor import Outcome
+from xcr0run.run import PROG, AuditChoice
 from xcr0run.view import LEVELS
-
-PROG = "xcr0run"
 
 EPILOG = f"""\b
 Mask syntax (see man {PROG}):
@@ -45,8 +43,8 @@ Examples:
 \b
 Exit status: the command's own; 124 if the audit failed (--strict,
 --expect-used); 125 if {PROG} itself fails; 126 if the command cannot be
-executed; 127 if it is not found. A command killed by a signal makes {PROG}
-die of the same signal.
+executed; 127 if it is not found. {PROG} becomes the command: its pid,
+signals and exit status are the command's own.
 """
 
 
@@ -102,6 +100,23 @@ class ProfileParam(click.ParamType):
 
         names = [n for n in inspect.reference_profiles() if n.startswith(incomplete)]
         return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
+
+
+class Seconds(click.ParamType):
+    """A positive, finite time in seconds."""
+
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = math.nan
+        if not (math.isfinite(seconds) and seconds >= 0.001):
+            self.fail(f"not a time of at least 0.001 seconds: {value!r}", param, ctx)
+        return seconds
 
 
 class PrctlCode(click.ParamType):
@@ -183,7 +198,7 @@ class PrctlCode(click.ParamType):
 )
 @click.option(
     "--audit-interval",
-    type=click.FloatRange(min=0.001),
+    type=Seconds(),
     metavar="SECONDS",
     help="Also sample every thread's XSAVE state this often.",
 )
@@ -329,19 +344,6 @@ def _show(wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: b
     return 0
 
 
-@dataclass(frozen=True)
-class AuditChoice:
-    enabled: bool | None  # --audit/--no-audit; None: on with the cpuid mechanism
-    interval: float | None
-    expect_used: list[tuple[str, int]]
-    strict: bool
-
-    def wanted(self, trap_cpuid: bool) -> bool:
-        if self.enabled is False:
-            return False
-        return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
-
-
 def _show_process(pid: int, as_json: bool) -> int:
     from xcr0run import inspect, render
 
@@ -363,9 +365,8 @@ def _run(
     checks: AuditChoice,
     grant_amx: bool,
     env_hints: bool,
-) -> int | Outcome:
-    from xcr0run import inspect, launcher, render
-    from xcr0run.audit import AuditLog
+) -> NoReturn:
+    from xcr0run import inspect, launcher, render, run
     from xcr0run.view import psabi_level
 
     if checks.enabled is False and (checks.expect_used or checks.strict):
@@ -382,95 +383,27 @@ def _run(
     env.update((h.name.encode(), h.value.encode()) for h in hints)
     described = inspect.describe_plan(plan, spec, table, hints)
     if not quiet:
-        click.echo(render.banner(described, caps.xcr0), err=True)
-    audit = AuditLog(caps.xcr0 & ~plan.mask) if checks.wanted(plan.trap_cpuid) else None
-    if not plan.supervised and audit is None:
-        if report:
-            _write_report(report, described, None, None)
-        launcher.exec_direct(path, command, plan, code, env)
-    warned: set[int] = set()
-
-    def explain_ptrace(pid: int, name: str) -> None:
-        if pid not in warned:
-            warned.add(pid)
-            click.echo(
-                f"{PROG}: {name} (pid {pid}) tries to trace a process that {PROG} traces; a "
-                f"process has one tracer, so run debuggers outside {PROG}",
-                err=True,
-            )
-
-    outcome = launcher.supervise(
-        path, command, plan, code, env, audit, checks.interval, on_ptrace=explain_ptrace
+        _to_stderr(render.banner(described, caps.xcr0))
+    run.become_program(
+        run.RunRequest(path, command, plan, code, env, described, checks, quiet, report)
     )
-    for warning in outcome.warnings:
-        click.echo(f"{PROG}: {warning}", err=True)
-    failed = False
-    if audit is not None:
-        lines = audit.summary()
-        if audit.violations() or not quiet:
-            for line in lines:
-                click.echo(f"{PROG}: {line}", err=True)
-        missing = audit.missing(checks.expect_used)
-        if missing:
-            click.echo(
-                f"{PROG}: audit: no use of {', '.join(missing)} was seen",
-                err=True,
-            )
-        failed = bool(missing) or (checks.strict and bool(audit.violations()))
-    if report:
-        _write_report(report, described, outcome, audit)
-    if failed and outcome.signal is None and outcome.exit_code == 0:
-        return ExitStatus.HIDDEN_STATE_USED
-    return outcome
 
 
-def _write_report(
-    path: str, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
-) -> None:
-    from xcr0run import render
-
-    data: dict[str, Any] = {"plan": described}
-    if audit is not None:
-        data["audit"] = audit.to_json()
-    if outcome is not None:
-        data["run"] = {
-            "pid": outcome.pid,
-            "exit_code": outcome.exit_code,
-            "signal": outcome.signal,
-            "processes": outcome.processes,
-            "threads": outcome.threads,
-            "execs": outcome.execs,
-            "cpuid_traps": outcome.cpuid_traps,
-            "cpuid_leaves": outcome.leaves,
-        }
+def _to_stderr(text: str) -> None:
+    """Our messages must not stop the program from running: a closed or broken stderr
+    (`2>&-`, `2>&1 | true`) loses them, as it would the program's own."""
     try:
-        with open(path, "w") as f:
-            f.write(render.to_json(data) + "\n")
-    except OSError as err:
-        raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
-
-
-def _die_like(outcome: Outcome) -> NoReturn:
-    """Exit as the program did: same status, or killed by the same signal."""
-    sys.stdout.flush()
-    if outcome.signal is None:
-        os._exit(outcome.exit_code if outcome.exit_code is not None else ExitStatus.FAILURE)
-    import resource
-
-    sig = outcome.signal
-    # No core file of our own: the program already dumped one if it was going to.
-    resource.setrlimit(resource.RLIMIT_CORE, (0, resource.getrlimit(resource.RLIMIT_CORE)[1]))
-    signal.signal(sig, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {sig})
-    os.kill(os.getpid(), sig)
-    os._exit(128 + sig)  # a signal whose default is to ignore (SIGCHLD, SIGWINCH, ...)
+        sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _fail(message: str, status: int, usage: bool = False) -> NoReturn:
-    click.echo(f"{PROG}: {message}", err=True)
+    _to_stderr(f"{PROG}: {message}")
     if usage:
-        click.echo(f"Try '{PROG} --help' for more information.", err=True)
-    sys.exit(status)
+        _to_stderr(f"Try '{PROG} --help' for more information.")
+    _exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
@@ -497,6 +430,15 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
         if os.environ.get("XCR0RUN_DEBUG"):
             raise
         _fail(f"internal error: {err!r} (set XCR0RUN_DEBUG=1 for details)", ExitStatus.FAILURE)
-    if isinstance(result, Outcome):
-        _die_like(result)
-    sys.exit(result or 0)
+    _exit(result or 0)
+
+
+def _exit(status: int) -> NoReturn:
+    """Exit, even where stdout is closed or its reader gone (flushing it would fail)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)

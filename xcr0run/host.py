@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 from dataclasses import dataclass
 
 from xcr0run import _native
@@ -231,6 +232,15 @@ def process_identity(pid: int) -> tuple[str, str, int]:
     return comm, exe, int(_status_field(pid, "TracerPid") or 0)
 
 
+def process_state(pid: int) -> str:
+    """The one-letter state of /proc/<pid>/stat (R, S, D, T, t, Z, ...); "" if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return ""
+
+
 def command_line(pid: int) -> list[str]:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -268,3 +278,24 @@ def thread_states(pid: int) -> list[ThreadState]:
             with contextlib.suppress(_native.NativeError):
                 _native.ptrace_detach(tid, pending)
     return states
+
+
+def privileges_lost_under_trace(path: str) -> str | None:
+    """What `path` would be given at exec that a traced program is not: "set-user-ID",
+    "set-group-ID" or "file-capability", or None. The kernel withholds them from a
+    program whose tracer lacks CAP_SYS_PTRACE (taken here as: we are not root)."""
+    if os.geteuid() == 0:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if st.st_mode & stat.S_ISUID and st.st_uid != os.geteuid():
+        return "set-user-ID"
+    if st.st_mode & stat.S_ISGID and st.st_gid != os.getegid():
+        return "set-group-ID"
+    try:
+        os.getxattr(path, "security.capability")
+    except OSError:
+        return None
+    return "file-capability"

@@ -300,6 +300,8 @@ def process_report(pid: int) -> dict[str, Any]:
         comm, exe, tracer = host.process_identity(pid)
     except FileNotFoundError as err:
         raise Xcr0runError(f"no process with pid {pid}") from err
+    if host.process_state(pid) == "Z":
+        raise Xcr0runError(f"process {pid} has exited (a zombie, not yet reaped)")
     tracer_cmd = host.command_line(tracer) if tracer else []
     under = any("xcr0run" in arg for arg in tracer_cmd[:3])
     threads = host.thread_states(pid)

@@ -1,5 +1,5 @@
-"""Starting the command: find it, check it can run under the view, set up the child
-(XCR0, AMX permission filter), and either exec it directly or supervise it.
+"""Starting the command: find it, check it can run under the view, and become it, either
+directly or with a tracing helper beside it (XCR0, seccomp filter, dispositions).
 """
 
 from __future__ import annotations
@@ -9,21 +9,14 @@ import errno
 import os
 import shutil
 import signal
-import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
-from xcr0run import _native, host, isalevel
-from xcr0run.audit import AuditLog
+from xcr0run import _native, host, isalevel, seccomp
 from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
 from xcr0run.plan import Plan
-from xcr0run.supervisor import Outcome, Supervisor
-
-# Signals a shell or terminal sends the whole foreground group: the program gets them
-# directly, so the supervisor stays out of the way.
-_GROUP_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU)
-# Signals sent to xcr0run alone are passed on to the program, as `timeout` does.
-_FORWARDED = (signal.SIGHUP, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
+from xcr0run.seccomp import FilterSpec
 
 
 def find_command(name: str) -> str:
@@ -107,16 +100,20 @@ def _rank(level: str) -> int:
     return isalevel.LEVEL_NAMES.index(level)
 
 
-def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
-    """In the process about to exec: seccomp filter, XCR0, default signal dispositions."""
-    # Under supervision, ptrace calls stop for us first so we can explain their failure;
-    # only as root, since without CAP_SYS_ADMIN a filter needs no_new_privs, which would
-    # take setuid programs their privileges.
-    explain_ptrace = supervised and os.geteuid() == 0
-    if plan.deny_amx or explain_ptrace:
-        _native.install_filter(
-            _native.ARCH_REQ_XCOMP_PERM if plan.deny_amx else None, explain_ptrace
-        )
+def _restore_dispositions() -> None:
+    """Give the program the signal dispositions xcr0run was started with, as far as
+    Python left them knowable: it installs its SIGINT handler only over SIG_DFL, and
+    ignores SIGPIPE and SIGXFSZ before any of our code runs (whatever they were)."""
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+def _prepare_image(plan: Plan, xcr0_prctl: int, guard: FilterSpec) -> None:
+    """In the process about to exec: signal dispositions, XCR0, the seccomp filter (last:
+    from then on the calls it names stop for the tracer)."""
+    _restore_dispositions()
     if plan.set_xcr0:
         # The components being disabled must be in their initial state; XFD-armed ones
         # (AMX tile data) are left out, since XRSTOR of them faults without permission.
@@ -126,9 +123,8 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
             raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
         if host.xcr0() != plan.mask:
             raise OSError(errno.EIO, f"XCR0 reads {host.xcr0():#x} after ARCH_SET_XCR0")
-    # Python ignores SIGPIPE and SIGXFSZ; the program must start with the defaults.
-    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(sig, signal.SIG_DFL)
+    if not guard.empty:
+        _native.install_filter(seccomp.build(guard))
 
 
 Environment = Mapping[bytes, bytes]
@@ -146,16 +142,18 @@ def _execve(path: str, argv: Sequence[str], env: Environment) -> None:
 
 def exec_direct(
     path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment
-) -> None:
+) -> NoReturn:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
+    guard = FilterSpec(deny_amx=plan.deny_amx)
     try:
-        _prepare_child(plan, xcr0_prctl, supervised=False)
+        _prepare_image(plan, xcr0_prctl, guard)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
         _execve(path, argv, env)
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
+    raise AssertionError("execve returned")
 
 
 def _exec_error(name: str, err: int) -> CommandError:
@@ -163,127 +161,126 @@ def _exec_error(name: str, err: int) -> CommandError:
     return CommandError(f"failed to run command '{name}': {os.strerror(err)}", status)
 
 
-def supervise(
+def exec_supervised(
     path: str,
     argv: Sequence[str],
     plan: Plan,
     xcr0_prctl: int,
     env: Environment,
-    audit: AuditLog | None = None,
-    audit_interval: float | None = None,
-    on_ptrace: Callable[[int, str], None] | None = None,
-) -> Outcome:
-    """Run the program under the supervisor and wait for its whole tree."""
-    report_r, report_w = os.pipe2(os.O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:  # child: set up, wait to be seized, exec
-        os.close(report_r)
+    guard: FilterSpec,
+    tracer: Tracer,
+    keep_fds: frozenset[int] = frozenset(),
+) -> NoReturn:
+    """Become the program under a tracer. The tracer runs in a detached helper (a
+    grandchild in a session of its own, as `strace -D` does), so this process keeps
+    its pid, parent, process group and terminal, and its exit goes straight to the
+    shell. `tracer` runs in the helper (see Tracer). Returns only by raising, before
+    the program has run."""
+    start_tracer(tracer, keep_fds)
+    try:
+        _prepare_image(plan, xcr0_prctl, guard)
+    except OSError as err:
+        raise UnsupportedError(str(err)) from err
+    try:
+        _execve(path, argv, env)
+    except OSError as err:
+        raise _exec_error(argv[0], err.errno) from err
+    raise AssertionError("execve returned")
+
+
+def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
+    """Fork the helper that traces this process, and wait until it has; its pid. The
+    helper keeps `keep_fds` and a copy of stderr; nothing else of ours."""
+    program = os.getpid()
+    to_us_r, to_us_w = os.pipe2(os.O_CLOEXEC)
+    to_it_r, to_it_w = os.pipe2(os.O_CLOEXEC)
+    middle = os.fork()
+    if middle == 0:  # pragma: no cover - runs in the child
         try:
-            try:
-                _prepare_child(plan, xcr0_prctl, supervised=True)
-            except OSError as err:
-                os.write(report_w, f"setup:{err}".encode())
-                os._exit(ExitStatus.FAILURE)
-            os.kill(os.getpid(), signal.SIGSTOP)
-            try:
-                _execve(path, argv, env)
-            except OSError as err:
-                os.write(report_w, f"exec:{err.errno}".encode())
-                os._exit(_exec_error(argv[0], err.errno).status)
+            os.close(to_us_r)
+            os.close(to_it_w)
+            os.setsid()  # out of the terminal's reach: no Ctrl-C, Ctrl-Z or SIGHUP
+            if os.fork() == 0:
+                os._exit(_helper(program, tracer, to_us_w, to_it_r, keep_fds))
         finally:
-            os._exit(ExitStatus.FAILURE)
-    os.close(report_w)
-    waker = _Waker()
-    supervisor = Supervisor(
-        plan.view,
-        trap_cpuid=plan.trap_cpuid,
-        grant_amx=plan.grant_amx,
-        audit=audit,
-        on_group_stop=_stop_with_program,
-        on_ptrace=on_ptrace,
-        forwarded=frozenset(_FORWARDED),
-        wake_after=waker.after,
-    )
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _GROUP_SIGNALS}
-    previous.update(
-        {sig: signal.signal(sig, lambda s, _f: supervisor.forward_signal(s)) for sig in _FORWARDED}
-    )
-    previous[_WAKE_SIGNAL] = signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
-    ticker = (
-        _Ticker(audit_interval, supervisor, waker) if audit is not None and audit_interval else None
-    )
+            os._exit(0)
+    os.close(to_us_w)
+    os.close(to_it_r)
     try:
-        supervisor.attach_stopped_child(pid)
-        if ticker:
-            ticker.start()
-        outcome = supervisor.run()
-    except BaseException:
-        # Whatever went wrong, leave no stopped or traced child behind.
-        with contextlib.suppress(OSError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
-        _raise_child_report(report_r, argv[0])
-        raise
+        os.waitpid(middle, 0)
+        helper = int(_read_line(to_us_r) or "0")
+        if not helper:
+            raise UnsupportedError("could not start the tracing helper")
+        # Where Yama allows only ancestors to attach, allow the helper explicitly.
+        allowed = _native.set_ptracer(helper)
+        os.write(to_it_w, b"go\n")
+        answer = _read_line(to_us_r)
+        if allowed:
+            _native.set_ptracer(0)
     finally:
-        if ticker:
-            ticker.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-    _raise_child_report(report_r, argv[0])
-    return outcome
+        os.close(to_us_r)
+        os.close(to_it_w)
+    if answer != "ok":
+        raise UnsupportedError(answer.partition(":")[2] or "the tracing helper failed")
+    return helper
 
 
-def _raise_child_report(report_r: int, name: str) -> None:
-    """Raise what the child wrote before it could exec, if anything."""
+def _read_line(fd: int) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 256)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+Attached = Callable[["str | None"], None]
+# Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
+# calls attached(None) once it has seized the program, or attached(why not); stderr is
+# a copy of the program's (-1 if it had none), for the helper to close when done with.
+Tracer = Callable[[int, Attached, int], int]
+
+
+def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozenset[int]) -> int:
+    """The helper's life: tell the program our pid, wait for its go, trace it."""
+    told = False
+
+    def attached(error: str | None) -> None:
+        nonlocal told
+        if not told:
+            told = True
+            with contextlib.suppress(OSError):
+                os.write(to_us, b"ok\n" if error is None else f"error:{error}\n".encode())
+                os.close(to_us)
+
     try:
-        report = os.read(report_r, 512).decode(errors="replace")
-    finally:
-        os.close(report_r)
-    kind, _, detail = report.partition(":")
-    if kind == "setup":
-        raise UnsupportedError(detail)
-    if kind == "exec":
-        raise _exec_error(name, int(detail))
+        stderr = _detach_stdio(keep | {to_us, to_it})
+        os.write(to_us, f"{os.getpid()}\n".encode())
+        if _read_line(to_it) != "go":
+            return 1
+        os.close(to_it)
+        return tracer(program, attached, stderr)
+    except BaseException as err:  # the program must hear of it, not hang
+        attached(f"tracing helper failed: {err}")
+        return 1
 
 
-# The supervisor sleeps in waitpid; timers wake it with a signal whose default action is
-# to ignore it, aimed at the main thread (the tracer), whose handler then does the work.
-_WAKE_SIGNAL = signal.SIGURG
-
-
-class _Waker:
-    def __init__(self) -> None:
-        self.main = threading.main_thread().ident or 0
-
-    def now(self) -> None:
-        signal.pthread_kill(self.main, _WAKE_SIGNAL)
-
-    def after(self, delay: float) -> None:
-        timer = threading.Timer(delay, self.now)
-        timer.daemon = True
-        timer.start()
-
-
-class _Ticker(threading.Thread):
-    """Periodic audit samples (--audit-interval)."""
-
-    def __init__(self, interval: float, supervisor: Supervisor, waker: _Waker) -> None:
-        super().__init__(daemon=True, name="xcr0run-audit")
-        self.interval = interval
-        self.supervisor = supervisor
-        self.waker = waker
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(self.interval):
-            self.supervisor.sample_due = True
-            self.waker.now()
-
-    def stop(self) -> None:
-        self.done.set()
-
-
-def _stop_with_program() -> None:
-    """The program stopped (Ctrl-Z): stop too, so the shell sees the job stopped."""
-    os.kill(os.getpid(), signal.SIGSTOP)
+def _detach_stdio(keep: frozenset[int]) -> int:
+    """Let go of everything the program's caller could wait on (a pipeline, `$(...)`,
+    a terminal): /dev/null on 0-2, every other descriptor closed. Returns a copy of
+    stderr, -1 if there was none."""
+    try:
+        stderr = os.dup(2)
+    except OSError:
+        stderr = -1
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    keep = keep | {0, 1, 2, stderr}
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd not in keep:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+    return stderr

@@ -1,14 +1,23 @@
-"""The ptrace loop: follow a program tree, keep CPUID faulting armed in every program
-image, and answer each trapped CPUID from a CpuidView. Everything else runs natively.
+"""The tracer: follow a program tree, keep CPUID faulting armed in every program image,
+answer each trapped CPUID from a CpuidView, and leave the program nothing else to notice.
 
-The kernel resets CPUID faulting on execve, so after each exec the supervisor injects
-arch_prctl(ARCH_SET_CPUID, 0) into the new image before its first instruction: it lets
-execve finish (the syscall-exit stop; at the exec event itself the tracee is still inside
-execve and an injected call silently does nothing), runs one `syscall` placed at the
-entry point, and puts bytes and registers back. Threads and fork/vfork children inherit
-faulting, so only exec needs this.
+It runs in a detached helper process beside the program (launcher.py), so the program
+keeps its pid, parent, process group and exit status; every stop of every thread comes
+here first (waitpid on tracees that are not our children).
 
-Speaks to the kernel only through _native. Never prints; returns an Outcome.
+- After each exec the kernel has reset CPUID faulting: the tracer lets execve finish (at
+  the exec event itself the tracee is still inside execve and an injected call silently
+  does nothing), runs one `syscall` placed at the entry point, and puts bytes and
+  registers back. Threads and fork/vfork children inherit faulting.
+- A trapped CPUID is a forced SIGSEGV; the kernel may have reset the program's SIGSEGV
+  disposition and mask on the way (sigstate.py), which is put back.
+- The seccomp filter (seccomp.py) stops the calls through which the program could see or
+  escape the supervision: ARCH_GET/SET_CPUID (emulated per thread), clone with
+  CLONE_UNTRACED (the flag is dropped), the calls that change its signal state, and with
+  an audit, its exit (where the verdict is given).
+
+Speaks to the kernel only through _native. Never prints; reports through callbacks and
+an Outcome.
 """
 
 from __future__ import annotations
@@ -18,49 +27,58 @@ import enum
 import errno
 import os
 import signal
-import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from xcr0run import _native as n
+from xcr0run import sigstate
 from xcr0run.audit import AuditLog
-from xcr0run.cpuid import PER_CPU_LEAVES, Registers
+from xcr0run.cpuid import PER_CPU_LEAVES, Registers, cpuid_length
 from xcr0run.errors import Xcr0runError
+from xcr0run.seccomp import CLONE_UNTRACED, Stop
 from xcr0run.view import CpuidView
 
-_CPUID_BYTES = 0xA20F  # 0f a2, as the low half of a little-endian word
 _SYSCALL_BYTES = 0x050F  # 0f 05
 _INT80_BYTES = 0x80CD  # cd 80
-_USER32_CS = 0x23  # a 32-bit program (ia32): arch_prctl is int 0x80, number 384
+_USER32_CS = 0x23  # a 32-bit program (ia32): system calls are int 0x80
 _SYS_ARCH_PRCTL_32 = 384
+_SYS_RT_SIGACTION = 13
+_SIGTRAP_SYSCALL = signal.SIGTRAP | 0x80
 _STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
-# Stops the terminal causes, which reach xcr0run's whole process group: mirrored, so the
-# shell sees the job stopped. A SIGSTOP sent to the program alone is not (nobody would
-# continue xcr0run).
-_TERMINAL_STOPS = frozenset({signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _OPTIONS = (
     n.PTRACE_O_TRACESYSGOOD
     | n.PTRACE_O_TRACEFORK
     | n.PTRACE_O_TRACEVFORK
     | n.PTRACE_O_TRACECLONE
     | n.PTRACE_O_TRACEEXEC
-    | n.PTRACE_O_TRACESECCOMP  # the filter's ptrace stops (see Supervisor.on_ptrace)
-    | n.PTRACE_O_EXITKILL  # if we die, nothing keeps running with nobody to answer
+    | n.PTRACE_O_TRACESECCOMP
+    | n.PTRACE_O_EXITKILL  # if the tracer dies, nothing keeps running with nobody to answer
 )
 _XFEATURE_TILEDATA = 18
-# A forwarded signal waits this long for the program's own delivery of it...
-_FORWARD_DELAY = 0.05
-# ...and counts as delivered if the program got it this recently.
-_SAME_SIGNAL_WINDOW = 0.5
 _PTRACE_ATTACHING = {n.PTRACE_TRACEME, n.PTRACE_ATTACH, n.PTRACE_SEIZE}
+_SKIPPED = (1 << 64) - 1  # orig_rax -1: the kernel skips the call, rax is its result
+_ENOSYS = (1 << 64) - errno.ENOSYS
+# Below the red zone, for a struct the tracer hands an injected call.
+_SCRATCH_BELOW_SP = 512
 
 
 class Phase(enum.Enum):
     RUNNING = 0
     NEW = 1  # auto-attached, first stop not seen yet
     EXECED = 2  # exec event seen, waiting for execve's syscall-exit stop
-    INJECT_ENTER = 3  # our arch_prctl is about to enter
-    INJECT_EXIT = 4  # our arch_prctl is about to return
+    INJECT_ENTER = 3  # an injected call is about to enter
+    INJECT_EXIT = 4  # an injected call is about to return
+
+
+@dataclass(frozen=True)
+class Injection:
+    """A system call run in the tracee: (number, arguments), 64-bit ABI unless `i386`."""
+
+    number: int
+    args: tuple[int, ...]
+    what: str
+    required: bool = True
 
 
 @dataclass
@@ -68,10 +86,16 @@ class Tracee:
     tid: int
     tgid: int
     phase: Phase = Phase.RUNNING
-    saved_regs: n.UserRegs | None = None
+    announced: bool = False  # its parent's fork/clone event has been seen
+    held: bool = False  # its first stop came first: kept stopped until the event
+    resume_regs: n.UserRegs | None = None  # registers to restore after injections
     saved_word: int = 0
+    saved_at: int = 0
+    pending: list[Injection] = field(default_factory=list)
+    reblock_segv: bool = False  # after the injections, block SIGSEGV again
     names: tuple[str, str] | None = None  # comm and exe, read at the first audit sample
-    pending: list[tuple[int, int, bool]] = field(default_factory=list)  # calls to inject
+    blocked: int = 0  # the signal mask as the program set it (sigstate.py)
+    program_faulting: bool = False  # the program itself asked for ARCH_SET_CPUID(0)
 
 
 @dataclass
@@ -81,23 +105,31 @@ class Outcome:
     pid: int
     exit_code: int | None = None
     signal: int | None = None
-    core_dumped: bool = False
     processes: int = 0
     threads: int = 0
     execs: int = 0
     cpuid_traps: int = 0
-    exec_error: int | None = None  # errno when the command itself could not be executed
     leaves: dict[str, int] = field(default_factory=dict)  # "leaf.subleaf" -> traps
     warnings: list[str] = field(default_factory=list)
+
+    def count_leaves(self, counts: dict[tuple[int, int], int]) -> None:
+        self.cpuid_traps = sum(counts.values())
+        self.leaves = {f"{leaf:#x}.{sub}": counts[leaf, sub] for leaf, sub in sorted(counts)}
 
 
 class SupervisorError(Xcr0runError):
     """The supervisor could not do its job; the program tree has been killed."""
 
 
+# Called once, when the program (the process the shell started) is about to end: with
+# its exit code, or None when a signal ends it. May return another exit code (the
+# audit's 124), which replaces the program's where the exit is still a system call.
+ProgramExit = Callable[["Outcome", "int | None"], "int | None"]
+
+
 class Supervisor:
     """Supervises one program tree: answers CPUID from `view` when `trap_cpuid`, and
-    samples each stopped thread's XSAVE state into `audit` when given."""
+    samples threads' XSAVE state into `audit` when given."""
 
     def __init__(
         self,
@@ -105,51 +137,45 @@ class Supervisor:
         *,
         trap_cpuid: bool = True,
         audit: AuditLog | None = None,
-        native_cpuid: Callable[[int, int], Registers] = n.cpuid,
-        on_group_stop: Callable[[], None] | None = None,
         on_ptrace: Callable[[int, str], None] | None = None,
+        on_exec: Callable[[int, str], None] | None = None,
+        on_program_exit: ProgramExit | None = None,
         grant_amx: bool = False,
-        forwarded: frozenset[int] = frozenset(),
-        wake_after: Callable[[float], None] | None = None,
     ) -> None:
         self.view = view
         self.trap_cpuid = trap_cpuid
         self.audit = audit
-        self._native_cpuid = native_cpuid
         self._answers: dict[tuple[int, int], Registers] = {}
         self._per_cpu: dict[tuple[int, int, int], Registers] = {}
         self._tracees: dict[int, Tracee] = {}
+        self._live: dict[int, int] = {}  # tgid -> threads traced
+        self._signals: dict[int, sigstate.ProcessSignals] = {}  # by tgid
         self._regs = n.UserRegs()
         self._siginfo = n.SigInfo()
         self._xstate = n.XStateHeadReader()
         self._leaf_counts: dict[tuple[int, int], int] = {}
-        self._on_group_stop = on_group_stop
         self._on_ptrace = on_ptrace  # (pid, program name): a traced program tried to trace
-        # Signals sent to xcr0run that are passed on; a signal sent to the whole process
-        # group reaches the program directly, and must not arrive twice. So forwarding
-        # waits a moment (wake_after calls on_wakeup) for the program's own delivery.
-        self._forwarded = forwarded
-        self._wake_after = wake_after
-        self._pending: dict[int, float] = {}
-        self._delivered: dict[int, float] = {}
+        self._on_exec = on_exec  # (pid, path): every new program image
+        self._on_program_exit = on_program_exit
+        self._program_exit_done = on_program_exit is None
+        self._queue: deque[tuple[int, int]] = deque()  # stops collected, not yet handled
         self.sample_due = False
-        self._options = _OPTIONS | (n.PTRACE_O_TRACEEXIT if audit else 0)
-        # arch_prctl calls every new program image needs, since execve resets both:
-        # (code, argument, required).
-        self._after_exec: list[tuple[int, int, bool]] = []
+        wants_exit_stops = audit is not None or on_program_exit is not None
+        self._options = _OPTIONS | (n.PTRACE_O_TRACEEXIT if wants_exit_stops else 0)
+        # arch_prctl calls every new program image needs, since execve resets both.
+        self._after_exec: list[tuple[int, int, str, bool]] = []
         if trap_cpuid:
-            self._after_exec.append((n.ARCH_SET_CPUID, 0, True))
+            self._after_exec.append((n.ARCH_SET_CPUID, 0, "enable CPUID faulting", True))
         if grant_amx:
-            self._after_exec.append((n.ARCH_REQ_XCOMP_PERM, _XFEATURE_TILEDATA, False))
+            self._after_exec.append(
+                (n.ARCH_REQ_XCOMP_PERM, _XFEATURE_TILEDATA, "request AMX permission", False)
+            )
         self.outcome = Outcome(pid=0)
 
     # -- starting ---------------------------------------------------------------------------
 
-    def attach_stopped_child(self, pid: int) -> None:
-        """Take over a child that stopped itself (SIGSTOP) before exec."""
-        _, status = os.waitpid(pid, os.WUNTRACED)
-        if not os.WIFSTOPPED(status):
-            raise SupervisorError(f"child {pid} ended before it could be traced")
+    def seize(self, pid: int) -> None:
+        """Trace `pid` (the program, still xcr0run until it execs) and what it starts."""
         try:
             n.ptrace_seize(pid, self._options)
         except n.NativeError as err:
@@ -160,34 +186,68 @@ class Supervisor:
                 "a tracer or another xcr0run, and a process has one tracer)"
             ) from err
         self.outcome = Outcome(pid=pid, processes=1, threads=1)
-        self._tracees[pid] = Tracee(pid, pid, Phase.NEW)
-        os.kill(pid, signal.SIGCONT)
+        self._add(Tracee(pid, pid, announced=True))
+
+    def _add(self, tracee: Tracee) -> Tracee:
+        self._tracees[tracee.tid] = tracee
+        self._live[tracee.tgid] = self._live.get(tracee.tgid, 0) + 1
+        return tracee
+
+    def _remove(self, tid: int) -> Tracee | None:
+        tracee = self._tracees.pop(tid, None)
+        if tracee is not None:
+            left = self._live[tracee.tgid] - 1
+            if left:
+                self._live[tracee.tgid] = left
+            else:
+                del self._live[tracee.tgid]
+                self._signals.pop(tracee.tgid, None)
+        return tracee
+
+    def _retag(self, tracee: Tracee, tgid: int) -> None:
+        if tracee.tgid != tgid:
+            self._remove(tracee.tid)
+            tracee.tgid = tgid
+            self._add(tracee)
 
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        waitpid, wall = os.waitpid, n.WALL
+        waitpid, wall, nohang = os.waitpid, n.WALL, n.WALL | os.WNOHANG
+        queue = self._queue
         while self._tracees:
-            try:
-                tid, status = waitpid(-1, wall)
-            except ChildProcessError:
-                break
-            if not os.WIFSTOPPED(status):
-                self._gone(tid, status)
-                continue
-            try:
-                self._stopped(tid, status)
-            except n.NativeError as err:
-                # A thread killed while stopped (SIGKILL, exit_group in another thread)
-                # makes its pending ptrace calls fail with ESRCH; its exit report follows.
-                if err.errno != errno.ESRCH:
-                    raise
-        counts = self._leaf_counts
-        self.outcome.cpuid_traps = sum(counts.values())
-        self.outcome.leaves = {
-            f"{leaf:#x}.{sub}": counts[leaf, sub] for leaf, sub in sorted(counts)
-        }
+            if not queue:
+                # waitpid(-1) reports the newest tracees first: a tree that keeps making
+                # threads would starve the oldest (the program's main thread). So take
+                # every stop pending now, and handle them in turn.
+                try:
+                    queue.append(waitpid(-1, wall))
+                    while True:
+                        stop = waitpid(-1, nohang)
+                        if not stop[0]:
+                            break
+                        queue.append(stop)
+                except ChildProcessError:
+                    if not queue:
+                        break
+            tid, status = queue.popleft()
+            self._handle(tid, status)
+        self.outcome.count_leaves(self._leaf_counts)
+        if not self._program_exit_done:
+            self._program_ending(None, None)
         return self.outcome
+
+    def _handle(self, tid: int, status: int) -> None:
+        if not os.WIFSTOPPED(status):
+            self._gone(tid, status)
+            return
+        try:
+            self._stopped(tid, status)
+        except n.NativeError as err:
+            # A thread killed while stopped (SIGKILL, exit_group in another thread)
+            # makes its pending ptrace calls fail with ESRCH; its exit report follows.
+            if err.errno != errno.ESRCH:
+                raise
 
     def interrupt_all(self) -> None:
         """Stop every thread briefly (PTRACE_INTERRUPT), for a periodic audit sample."""
@@ -195,47 +255,23 @@ class Supervisor:
             with contextlib.suppress(n.NativeError):  # exiting meanwhile
                 n.ptrace_interrupt(tid)
 
-    def forward_signal(self, sig: int) -> None:
-        """A signal sent to xcr0run: pass it on, unless the program got it as well."""
-        pid = self.outcome.pid
-        if not pid or pid not in self._tracees:
-            return
-        now = time.monotonic()
-        if self._delivered.get(sig, -1.0) > now - _SAME_SIGNAL_WINDOW:
-            return
-        if self._wake_after is None:
-            os.kill(pid, sig)
-            return
-        self._pending[sig] = now
-        self._wake_after(_FORWARD_DELAY)
-
     def on_wakeup(self) -> None:
         """Called (from a signal handler in the tracer thread) when a timer fires."""
         if self.sample_due:
             self.sample_due = False
             self.interrupt_all()
-        now = time.monotonic()
-        for sig, since in list(self._pending.items()):
-            if now - since < _FORWARD_DELAY * 0.9:
-                continue
-            del self._pending[sig]
-            pid = self.outcome.pid
-            if (
-                self._delivered.get(sig, -1.0) <= since - _SAME_SIGNAL_WINDOW
-                and pid in self._tracees
-            ):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, sig)
 
     def _gone(self, tid: int, status: int) -> None:
-        self._tracees.pop(tid, None)
+        self._remove(tid)
         if tid != self.outcome.pid:
             return
         if os.WIFEXITED(status):
             self.outcome.exit_code = os.WEXITSTATUS(status)
         elif os.WIFSIGNALED(status):
             self.outcome.signal = os.WTERMSIG(status)
-            self.outcome.core_dumped = os.WCOREDUMP(status)
+        if not self._program_exit_done:
+            self.outcome.count_leaves(self._leaf_counts)
+            self._program_ending(self.outcome.exit_code, None)
 
     def _stopped(self, tid: int, status: int) -> None:
         sig = os.WSTOPSIG(status)
@@ -243,82 +279,145 @@ class Supervisor:
         tracee = self._tracees.get(tid)
         if tracee is None:
             # A new child's first stop can arrive before its parent's fork event.
-            tracee = self._tracees[tid] = Tracee(tid, tid, Phase.NEW)
-        if self.audit is not None and self.outcome.execs and sig != (signal.SIGTRAP | 0x80):
-            self._sample(tracee)  # from the first exec on: before it, the thread is ours
-        if sig == signal.SIGSEGV and event == 0:
-            if self.trap_cpuid and tracee.phase is Phase.RUNNING and self._emulate_cpuid(tid):
-                return
-            self._resume(tracee, sig)
-        elif sig == (signal.SIGTRAP | 0x80):
+            tracee = self._add(Tracee(tid, tid, Phase.NEW))
+        if sig == _SIGTRAP_SYSCALL:
             self._syscall_stop(tracee)
+        elif event == n.PTRACE_EVENT_SECCOMP:
+            self._seccomp_stop(tracee)
         elif event:
+            if self.audit is not None and self.outcome.execs and event != n.PTRACE_EVENT_EXEC:
+                self._sample(tracee)
             self._event(tracee, event, sig)
+        elif sig == signal.SIGSEGV and self._cpuid_trap(tracee):
+            return
         else:
-            if sig in self._forwarded and tracee.tgid == self.outcome.pid:
-                self._delivered[sig] = time.monotonic()
-                self._pending.pop(sig, None)  # it came to the program directly
-            self._resume(tracee, sig)  # an ordinary signal: deliver it
+            if self.audit is not None and self.outcome.execs:
+                self._sample(tracee)
+            self._deliver(tracee, sig)
 
     def _resume(self, tracee: Tracee, sig: int = 0) -> None:
-        if tracee.phase is Phase.RUNNING or tracee.phase is Phase.NEW:
+        if tracee.phase in (Phase.RUNNING, Phase.NEW):
             n.ptrace_cont(tracee.tid, sig)
         else:
             n.ptrace_syscall(tracee.tid, sig)
+
+    def _deliver(self, tracee: Tracee, sig: int) -> None:
+        """An ordinary signal: deliver it, noting the mask its handler will run with."""
+        signals = self._signals.get(tracee.tgid)
+        if signals is not None:
+            if sig == signal.SIGSEGV:
+                self._forced_segv(tracee, signals)
+            action = signals.get(sig)
+            tracee.blocked = sigstate.on_delivery(tracee.blocked, sig, action)
+            if action.is_function and action.flags & sigstate.SA_RESETHAND:
+                signals.set(sig, sigstate.Disposition())
+        self._resume(tracee, sig)
+
+    def _forced_segv(self, tracee: Tracee, signals: sigstate.ProcessSignals) -> None:
+        """A fault's SIGSEGV: if it was blocked or ignored, the kernel reset both before
+        this stop, as it does without us; follow."""
+        info = n.ptrace_getsiginfo(tracee.tid, self._siginfo)
+        if info.si_code <= 0 and info.si_code != n.SI_KERNEL:
+            return  # sent by a process, not a fault
+        segv = signals.get(signal.SIGSEGV)
+        if tracee.blocked & sigstate.SEGV_BIT or segv.handler == sigstate.SIG_IGN:
+            signals.set(signal.SIGSEGV, sigstate.Disposition(flags=segv.flags, mask=segv.mask))
+            tracee.blocked &= ~sigstate.SEGV_BIT
 
     # -- events -------------------------------------------------------------------------------
 
     def _event(self, tracee: Tracee, event: int, sig: int) -> None:
         tid = tracee.tid
         if event in (n.PTRACE_EVENT_FORK, n.PTRACE_EVENT_VFORK, n.PTRACE_EVENT_CLONE):
-            child = n.ptrace_geteventmsg(tid)
-            # clone() without CLONE_THREAD makes a process, reported as a clone event too.
-            tgid = _tgid(child) if event == n.PTRACE_EVENT_CLONE else child
-            known = self._tracees.get(child)
-            if known is None:
-                self._tracees[child] = Tracee(child, tgid, Phase.NEW)
-            else:
-                known.tgid = tgid
-            if tgid == tracee.tgid:
-                self.outcome.threads += 1
-            else:
-                self.outcome.processes += 1
+            self._new_child(tracee, event, n.ptrace_geteventmsg(tid))
             self._resume(tracee)
         elif event == n.PTRACE_EVENT_EXEC:
-            former = n.ptrace_geteventmsg(tid)
-            # Every other thread of the process is gone now (exec from a non-leader thread
-            # even took over the leader's tid).
-            for other in [t for t in self._tracees.values() if t.tgid == tracee.tgid]:
-                if other.tid != tid:
-                    del self._tracees[other.tid]
-            if former != tid:
-                self._tracees.pop(former, None)
-            tracee.tgid = tid
-            tracee.names = None
-            self.outcome.execs += 1
-            if self._after_exec:
-                tracee.phase = Phase.EXECED  # set the new image up once execve returns
-                n.ptrace_syscall(tid)
-            else:
-                self._resume(tracee)
-        elif event == n.PTRACE_EVENT_SECCOMP:
-            self._ptrace_attempt(tracee)
+            self._exec_event(tracee)
+        elif event == n.PTRACE_EVENT_EXIT:
+            self._exit_event(tracee)
             self._resume(tracee)
         elif event == n.PTRACE_EVENT_STOP:
             if tracee.phase is Phase.NEW:
-                tracee.phase = Phase.RUNNING
-                self._resume(tracee)
+                if tracee.announced:
+                    tracee.phase = Phase.RUNNING
+                    self._resume(tracee)
+                else:
+                    tracee.held = True  # resumed when its parent's event says what it is
             elif sig in _STOP_SIGNALS:
-                # Group-stop (Ctrl-Z, SIGSTOP): stay stopped until SIGCONT, as without us.
+                # Group-stop (Ctrl-Z, SIGSTOP): stay stopped until SIGCONT, as without us;
+                # the shell is told by the kernel, since we are not the parent.
                 n.ptrace_listen(tid)
-                if tid == self.outcome.pid and sig in _TERMINAL_STOPS and self._on_group_stop:
-                    self._on_group_stop()
             else:
                 self._resume(tracee)
         else:
             self._resume(tracee)
 
-    # -- audit ---------------------------------------------------------------------------------
+    def _new_child(self, parent: Tracee, event: int, child: int) -> None:
+        # clone() without CLONE_THREAD makes a process, reported as a clone event too.
+        tgid = _tgid(child) if event == n.PTRACE_EVENT_CLONE else child
+        tracee = self._tracees.get(child)
+        if tracee is None:
+            tracee = self._add(Tracee(child, tgid, Phase.NEW))
+        self._retag(tracee, tgid)
+        tracee.announced = True
+        # A new thread or process starts with its creator's mask and faulting state.
+        tracee.blocked = parent.blocked
+        tracee.program_faulting = parent.program_faulting
+        if tgid == parent.tgid:
+            self.outcome.threads += 1
+        else:
+            self.outcome.processes += 1
+            signals = self._signals.get(parent.tgid)
+            if signals is not None:
+                self._signals[tgid] = signals.copy()
+        if tracee.held:
+            tracee.held = False
+            tracee.phase = Phase.RUNNING
+            self._resume(tracee)
+
+    def _exec_event(self, tracee: Tracee) -> None:
+        tid = tracee.tid
+        former = n.ptrace_geteventmsg(tid)
+        old_tgid = tracee.tgid
+        # Every other thread of the process is gone now (exec from a non-leader thread
+        # even took over the leader's tid).
+        before = self._signals.get(old_tgid)
+        for other in [t for t in self._tracees.values() if t.tgid == old_tgid]:
+            if other.tid != tid:
+                self._remove(other.tid)
+        if former != tid:
+            # A thread other than the leader exec'd and took over the leader's tid.
+            execing = self._remove(former)
+            if execing is not None:
+                tracee.blocked = execing.blocked
+        self._retag(tracee, tid)
+        tracee.names = None
+        tracee.program_faulting = False  # execve resets faulting
+        if before is None:
+            # The program's first image: xcr0run's own state before it is not followed.
+            self._signals[tid] = sigstate.ProcessSignals.ignoring(_ignored_signals(tid))
+            tracee.blocked = n.ptrace_getsigmask(tid)
+        else:
+            self._signals[tid] = before.after_exec()
+        self.outcome.execs += 1
+        if self._on_exec is not None:
+            self._on_exec(tid, _exe(tid))
+        if self._after_exec:
+            tracee.phase = Phase.EXECED  # set the new image up once execve returns
+            n.ptrace_syscall(tid)
+        else:
+            self._resume(tracee)
+
+    def _exit_event(self, tracee: Tracee) -> None:
+        """A thread is exiting (PTRACE_EVENT_EXIT; sampled already). A fatal signal ends
+        the whole process: if it is the program, that is its end."""
+        if self._program_exit_done or tracee.tgid != self.outcome.pid:
+            return
+        status = n.ptrace_geteventmsg(tracee.tid)
+        if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
+            self._program_ending(None, tracee)
+
+    # -- the audit and the program's end -------------------------------------------------------
 
     def _sample(self, tracee: Tracee) -> None:
         assert self.audit is not None
@@ -330,10 +429,147 @@ class Supervisor:
             tracee.names = _names(tracee.tid, tracee.tgid)
         self.audit.note(tracee.tid, tracee.tgid, xstate_bv, *tracee.names)
 
-    def _ptrace_attempt(self, tracee: Tracee) -> None:
+    def _program_ending(self, code: int | None, caller: Tracee | None) -> int | None:
+        """The program is ending: sample its threads (the one ending it is stopped), then
+        let the front end conclude. Returns a replacement exit code, if any."""
+        self._program_exit_done = True
+        if self.audit is not None and caller is not None:
+            self._sample(caller)
+            self._sample_others(caller)
+        assert self._on_program_exit is not None
+        self.outcome.count_leaves(self._leaf_counts)
+        return self._on_program_exit(self.outcome, code)
+
+    def _sample_others(self, caller: Tracee) -> None:
+        """Stop and sample the program's other threads before its exit kills them (they
+        do not stop at their exit: a fatal signal is pending)."""
+        stopped = {tid for tid, _ in self._queue}
+        for other in [t for t in self._tracees.values() if t.tgid == caller.tgid]:
+            if other is caller:
+                continue
+            if other.held or other.tid in stopped:
+                self._sample(other)  # stopped already, its stop waiting in the queue
+                continue
+            try:
+                n.ptrace_interrupt(other.tid)
+                tid, status = os.waitpid(other.tid, n.WALL)
+            except (n.NativeError, ChildProcessError):
+                continue
+            if not os.WIFSTOPPED(status):
+                self._queue.append((tid, status))
+                continue
+            self._sample(other)
+            if status >> 16 == n.PTRACE_EVENT_STOP and os.WSTOPSIG(status) == signal.SIGTRAP:
+                self._resume(other)  # our interrupt
+            else:
+                self._queue.append((tid, status))  # a stop of its own: handle in turn
+
+    # -- stops the seccomp filter asked for ------------------------------------------------------
+
+    def _seccomp_stop(self, tracee: Tracee) -> None:
+        tid = tracee.tid
+        if tracee.phase is not Phase.RUNNING:
+            # One of our injected calls (they pass the filter too), or the program's first
+            # steps before exec: nothing to follow.
+            self._resume(tracee)
+            return
+        why = n.ptrace_geteventmsg(tid)
+        regs = n.ptrace_getregs(tid, self._regs)
+        if not Stop.is_ours(why):
+            # The program's own filter asked for a tracer; without us there is none, and
+            # the kernel fails the call with ENOSYS.
+            self._skip_call(tid, regs, _ENOSYS)
+            return
+        if why in (Stop.CPUID_PRCTL, Stop.CPUID_PRCTL_32):
+            code, arg = (regs.rbx, regs.rcx) if why == Stop.CPUID_PRCTL_32 else (regs.rdi, regs.rsi)
+            self._emulate_faulting_call(tracee, regs, code & 0xFFFFFFFF, arg)
+            return
+        if why in (Stop.CLONE_UNTRACED, Stop.CLONE_UNTRACED_32):
+            # A child the tracer would not see, with faulting armed: traced like any other.
+            if why == Stop.CLONE_UNTRACED_32:
+                regs.rbx &= ~CLONE_UNTRACED
+            else:
+                regs.rdi &= ~CLONE_UNTRACED
+            n.ptrace_setregs(tid, regs)
+        elif why == Stop.CLONE3:
+            with contextlib.suppress(n.NativeError):  # a bad pointer: clone3 says EFAULT
+                flags = n.ptrace_peek(tid, regs.rdi)
+                if flags & CLONE_UNTRACED:
+                    n.ptrace_poke(tid, regs.rdi, flags & ~CLONE_UNTRACED)
+        elif why == Stop.SIGACTION:
+            self._follow_sigaction(tracee, regs)
+        elif why == Stop.SIGPROCMASK:
+            self._follow_sigprocmask(tracee, regs)
+        elif why == Stop.SIGRETURN:
+            with contextlib.suppress(n.NativeError):
+                mask = n.ptrace_peek(tid, regs.rsp + sigstate.UC_SIGMASK_OFFSET)
+                tracee.blocked = sigstate.after_sigprocmask(0, sigstate.SIG_SETMASK, mask)
+        elif why in (Stop.EXIT, Stop.EXIT_GROUP, Stop.EXIT_32, Stop.EXIT_GROUP_32):
+            self._exit_call(tracee, regs, why)
+        elif why == Stop.PTRACE:
+            self._ptrace_attempt(tracee, regs)
+        n.ptrace_cont(tid)
+
+    def _skip_call(self, tid: int, regs: n.UserRegs, result: int) -> None:
+        regs.orig_rax = _SKIPPED
+        regs.rax = result & 0xFFFFFFFFFFFFFFFF
+        n.ptrace_setregs(tid, regs)
+        n.ptrace_cont(tid)
+
+    def _emulate_faulting_call(self, tracee: Tracee, regs: n.UserRegs, code: int, arg: int) -> None:
+        """ARCH_GET_CPUID / ARCH_SET_CPUID made by the program: answered as the kernel
+        would without us, per thread; the real faulting stays armed."""
+        if code == n.ARCH_GET_CPUID:
+            result = 0 if tracee.program_faulting else 1
+        else:
+            tracee.program_faulting = arg == 0
+            result = 0
+        self._skip_call(tracee.tid, regs, result)
+
+    def _follow_sigaction(self, tracee: Tracee, regs: n.UserRegs) -> None:
+        sig, act, size = regs.rdi & 0xFFFFFFFF, regs.rsi, regs.r10
+        signals = self._signals.get(tracee.tgid)
+        if signals is None or size != 8 or not 1 <= sig <= 64:
+            return
+        try:
+            words = [n.ptrace_peek(tracee.tid, act + 8 * i) for i in range(4)]
+        except n.NativeError:
+            return  # the call fails with EFAULT
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signals.set(sig, sigstate.Disposition(*words))
+
+    def _follow_sigprocmask(self, tracee: Tracee, regs: n.UserRegs) -> None:
+        how, new, size = regs.rdi & 0xFFFFFFFF, regs.rsi, regs.r10
+        if size != 8:
+            return
+        try:
+            value = n.ptrace_peek(tracee.tid, new)
+        except n.NativeError:
+            return
+        current = n.ptrace_getsigmask(tracee.tid)
+        tracee.blocked = sigstate.after_sigprocmask(current, how, value)
+
+    def _exit_call(self, tracee: Tracee, regs: n.UserRegs, why: int) -> None:
+        """exit or exit_group: if it ends the program, conclude now, while the exit code
+        can still change."""
+        if self._program_exit_done or tracee.tgid != self.outcome.pid:
+            return
+        group = why in (Stop.EXIT_GROUP, Stop.EXIT_GROUP_32)
+        if not group and self._live.get(tracee.tgid, 0) > 1:
+            return  # one thread of several
+        i386 = why in (Stop.EXIT_32, Stop.EXIT_GROUP_32)
+        code = (regs.rbx if i386 else regs.rdi) & 0xFF
+        replaced = self._program_ending(code, tracee)
+        if replaced is not None and replaced != code:
+            if i386:
+                regs.rbx = replaced
+            else:
+                regs.rdi = replaced
+            n.ptrace_setregs(tracee.tid, regs)
+
+    def _ptrace_attempt(self, tracee: Tracee, regs: n.UserRegs) -> None:
         """A traced program called ptrace (the filter stopped it): say why attaching to
         its own children, or PTRACE_TRACEME, is going to fail."""
-        regs = n.ptrace_getregs(tracee.tid, self._regs)
         request, target = regs.rdi, regs.rsi
         if (
             self._on_ptrace
@@ -342,88 +578,136 @@ class Supervisor:
         ):
             self._on_ptrace(tracee.tgid, _names(tracee.tid, tracee.tgid)[0])
 
-    # -- setting up each new program image ----------------------------------------------------
+    # -- running system calls in the tracee ----------------------------------------------------
 
     def _syscall_stop(self, tracee: Tracee) -> None:
         tid = tracee.tid
         regs = n.ptrace_getregs(tid, self._regs)
         if tracee.phase is Phase.EXECED:
             # execve has returned into the new image, whose first instruction has not run.
-            tracee.saved_regs = n.UserRegs.from_buffer_copy(regs)
-            tracee.saved_word = n.ptrace_peek(tid, regs.rip)
-            tracee.pending = list(self._after_exec)
-            self._inject_next(tracee, regs)
+            tracee.resume_regs = n.UserRegs.from_buffer_copy(regs)
+            tracee.saved_at, tracee.saved_word = regs.rip, n.ptrace_peek(tid, regs.rip)
+            tracee.pending = [
+                self._arch_prctl(regs, code, arg, what, required)
+                for code, arg, what, required in self._after_exec
+            ]
+            self._inject_next(tracee)
         elif tracee.phase is Phase.INJECT_ENTER:
             tracee.phase = Phase.INJECT_EXIT
             n.ptrace_syscall(tid)
         elif tracee.phase is Phase.INJECT_EXIT:
             result = regs.rax if regs.rax < 1 << 63 else regs.rax - (1 << 64)
             call = tracee.pending.pop(0)
-            if result != 0:
+            if result < 0:
                 self._injection_failed(tracee, call, result)
             if tracee.pending:
-                self._inject_next(tracee, regs)
+                self._inject_next(tracee)
                 return
-            saved = tracee.saved_regs
-            assert saved is not None
-            n.ptrace_poke(tid, saved.rip, tracee.saved_word)
-            n.ptrace_setregs(tid, saved)
-            tracee.saved_regs = None
-            tracee.phase = Phase.RUNNING
-            n.ptrace_cont(tid)
+            self._injections_done(tracee)
         else:
             n.ptrace_cont(tid)  # a syscall stop we did not ask for
 
-    def _inject_next(self, tracee: Tracee, regs: n.UserRegs) -> None:
-        """Run arch_prctl(code, arg) in the tracee: a `syscall` (int 0x80 for 32-bit code)
-        placed at the saved RIP, restored once every pending call has run."""
-        code, arg, _ = tracee.pending[0]
-        saved = tracee.saved_regs
+    @staticmethod
+    def _arch_prctl(regs: n.UserRegs, code: int, arg: int, what: str, required: bool) -> Injection:
+        number = _SYS_ARCH_PRCTL_32 if regs.cs == _USER32_CS else n.SYS_arch_prctl
+        return Injection(number, (code, arg), what, required)
+
+    def _inject_next(self, tracee: Tracee) -> None:
+        """Run the next pending call: a `syscall` (int 0x80 for 32-bit code) placed at
+        `saved_at` (whose word the caller saved); bytes and registers are put back once
+        every pending call has run."""
+        call = tracee.pending[0]
+        saved = tracee.resume_regs
         assert saved is not None
-        if saved.cs == _USER32_CS:
-            insn, number, a0, a1 = _INT80_BYTES, _SYS_ARCH_PRCTL_32, "rbx", "rcx"
-        else:
-            insn, number, a0, a1 = _SYSCALL_BYTES, n.SYS_arch_prctl, "rdi", "rsi"
-        n.ptrace_poke(tracee.tid, saved.rip, (tracee.saved_word & ~0xFFFF) | insn)
+        compat = saved.cs == _USER32_CS
+        insn = _INT80_BYTES if compat else _SYSCALL_BYTES
+        n.ptrace_poke(tracee.tid, tracee.saved_at, (tracee.saved_word & ~0xFFFF) | insn)
         regs_in = n.UserRegs.from_buffer_copy(saved)
-        regs_in.rax = number
-        setattr(regs_in, a0, code)
-        setattr(regs_in, a1, arg)
+        regs_in.rip = tracee.saved_at
+        regs_in.rax = call.number
+        names = ("rbx", "rcx", "rdx", "rsi") if compat else ("rdi", "rsi", "rdx", "r10")
+        for name, value in zip(names, call.args):
+            setattr(regs_in, name, value)
         n.ptrace_setregs(tracee.tid, regs_in)
         tracee.phase = Phase.INJECT_ENTER
         n.ptrace_syscall(tracee.tid)
 
-    def _injection_failed(self, tracee: Tracee, call: tuple[int, int, bool], result: int) -> None:
-        code, arg, required = call
-        what = (
-            "enable CPUID faulting"
-            if code == n.ARCH_SET_CPUID
-            else f"run arch_prctl({code:#x}, {arg})"
-        )
-        why = os.strerror(-result) if result < 0 else f"it returned {result}"
-        message = f"could not {what} in pid {tracee.tid}: {why}"
-        if required:
+    def _injections_done(self, tracee: Tracee) -> None:
+        tid = tracee.tid
+        resume = tracee.resume_regs
+        assert resume is not None
+        n.ptrace_poke(tid, tracee.saved_at, tracee.saved_word)
+        n.ptrace_setregs(tid, resume)
+        if tracee.reblock_segv:
+            n.ptrace_setsigmask(tid, n.ptrace_getsigmask(tid) | sigstate.SEGV_BIT)
+            tracee.reblock_segv = False
+        tracee.resume_regs = None
+        tracee.phase = Phase.RUNNING
+        n.ptrace_cont(tid)
+
+    def _injection_failed(self, tracee: Tracee, call: Injection, result: int) -> None:
+        message = f"could not {call.what} in pid {tracee.tid}: {os.strerror(-result)}"
+        if call.required:
             os.kill(tracee.tid, signal.SIGKILL)
             raise SupervisorError(message)
         self.outcome.warnings.append(message)
 
     # -- the CPUID trap ----------------------------------------------------------------------------
 
-    def _emulate_cpuid(self, tid: int) -> bool:
+    def _cpuid_trap(self, tracee: Tracee) -> bool:
         """Answer a faulting CPUID; False if this SIGSEGV is anything else."""
+        if not self.trap_cpuid or tracee.phase is not Phase.RUNNING:
+            return False
+        tid = tracee.tid
         info = n.ptrace_getsiginfo(tid, self._siginfo)
         if info.si_code != n.SI_KERNEL or info.si_addr != 0:
             return False
         regs = n.ptrace_getregs(tid, self._regs)
-        if _instruction_bytes(tid, regs.rip) != _CPUID_BYTES:
+        compat = regs.cs == _USER32_CS
+        length = _cpuid_at(tid, regs.rip, compat)
+        if not length:
             return False
+        if tracee.program_faulting:
+            return False  # the program armed faulting itself: its SIGSEGV, as natively
         leaf, subleaf = regs.rax & 0xFFFFFFFF, regs.rcx & 0xFFFFFFFF
         regs.rax, regs.rbx, regs.rcx, regs.rdx = self.answer(tid, leaf, subleaf)
-        regs.rip += 2
-        n.ptrace_setregs(tid, regs)
-        n.ptrace_cont(tid)
         counts = self._leaf_counts
         counts[leaf, subleaf] = counts.get((leaf, subleaf), 0) + 1
+        signals = self._signals.get(tracee.tgid)
+        repair = sigstate.NO_REPAIR
+        if signals is not None and not compat:
+            repair = sigstate.repair_after_trap(signals.get(signal.SIGSEGV), tracee.blocked)
+        if not repair.needed:
+            regs.rip += length
+            n.ptrace_setregs(tid, regs)
+            n.ptrace_cont(tid)
+            return True
+        return self._answer_and_repair(tracee, regs, length, repair)
+
+    def _answer_and_repair(
+        self, tracee: Tracee, regs: n.UserRegs, length: int, repair: sigstate.TrapRepair
+    ) -> bool:
+        tid = tracee.tid
+        regs.rip += length
+        if repair.action is None:
+            n.ptrace_setregs(tid, regs)
+            if repair.reblock:
+                n.ptrace_setsigmask(tid, n.ptrace_getsigmask(tid) | sigstate.SEGV_BIT)
+            n.ptrace_cont(tid)
+            return True
+        # The kernel reset the SIGSEGV handler on its way here: reinstall the program's
+        # (rt_sigaction with the struct below the red zone), then resume answered.
+        tracee.reblock_segv = repair.reblock
+        tracee.resume_regs = n.UserRegs.from_buffer_copy(regs)
+        at = regs.rip - length
+        scratch = (regs.rsp - _SCRATCH_BELOW_SP) & ~15
+        for i, word in enumerate(repair.action.words()):
+            n.ptrace_poke(tid, scratch + 8 * i, word)
+        tracee.saved_at, tracee.saved_word = at, n.ptrace_peek(tid, at)
+        tracee.pending = [
+            Injection(_SYS_RT_SIGACTION, (signal.SIGSEGV, scratch, 0, 8), "restore SIGSEGV")
+        ]
+        self._inject_next(tracee)
         return True
 
     def answer(self, tid: int, leaf: int, subleaf: int) -> Registers:
@@ -434,14 +718,30 @@ class Supervisor:
             cpu = _current_cpu(tid)
             cached = self._per_cpu.get((cpu, *k))
             if cached is None:
-                raw = _on_cpu(cpu, lambda: self._native_cpuid(leaf, subleaf))
+                raw = _on_cpu(cpu, lambda: n.cpuid(leaf, subleaf))
                 cached = self._per_cpu[(cpu, *k)] = self.view.answer(leaf, subleaf, raw)
             return cached
         cached = self._answers.get(k)
         if cached is None:
-            raw = self._native_cpuid(leaf, subleaf)
+            raw = n.cpuid(leaf, subleaf)
             cached = self._answers[k] = self.view.answer(leaf, subleaf, raw)
         return cached
+
+
+def _cpuid_at(tid: int, rip: int, compat: bool) -> int:
+    """The length of the CPUID instruction at `rip`, or 0. Reads aligned words, which
+    never cross into an unmapped page."""
+    base, offset = rip & ~7, rip & 7
+    word = n.ptrace_peek(tid, base)
+    if offset <= 6 and (word >> (offset * 8)) & 0xFFFF == 0xA20F:
+        return 2  # the plain encoding: one read
+    code = word.to_bytes(8, "little")
+    for extra in (8, 16):
+        try:
+            code += n.ptrace_peek(tid, base + extra).to_bytes(8, "little")
+        except n.NativeError:
+            break
+    return cpuid_length(code[offset : offset + 15], compat)
 
 
 def _tgid(tid: int) -> int:
@@ -455,15 +755,22 @@ def _tgid(tid: int) -> int:
     return tid
 
 
-def _instruction_bytes(tid: int, rip: int) -> int:
-    """The two bytes at `rip`. A word read there fails with EIO when the instruction ends
-    a page with nothing mapped after it; then read the word ending at rip + 2."""
+def _ignored_signals(pid: int) -> int:
     try:
-        return n.ptrace_peek(tid, rip) & 0xFFFF
-    except n.NativeError as err:
-        if err.errno != errno.EIO:
-            raise
-        return n.ptrace_peek(tid, rip - 6) >> 48
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigIgn:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return "?"
 
 
 def _names(tid: int, tgid: int) -> tuple[str, str]:
@@ -473,11 +780,7 @@ def _names(tid: int, tgid: int) -> tuple[str, str]:
             comm = f.read().strip()
     except OSError:
         comm = "?"
-    try:
-        exe = os.readlink(f"/proc/{tgid}/exe")
-    except OSError:
-        exe = "?"
-    return comm, exe
+    return comm, _exe(tgid)
 
 
 def _current_cpu(tid: int) -> int:

@@ -1,0 +1,233 @@
+"""Running a program: plan -> banner -> become the program, with a tracing helper beside
+it where the plan needs one. What the helper says at the program's exit (the audit, the
+report, exit status 124) is decided here too.
+
+The process that runs this becomes the program (launcher.exec_direct or
+exec_supervised) and so never returns; the helper runs `ProgramTracer` and ends with
+the traced tree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from xcr0run import host, launcher
+from xcr0run.audit import AuditLog
+from xcr0run.errors import ExitStatus, Xcr0runError
+from xcr0run.plan import Plan
+from xcr0run.seccomp import FilterSpec
+from xcr0run.supervisor import Outcome, Supervisor, SupervisorError
+
+PROG = "xcr0run"
+
+
+@dataclass(frozen=True)
+class AuditChoice:
+    enabled: bool | None  # --audit/--no-audit; None: on with the cpuid mechanism
+    interval: float | None
+    expect_used: list[tuple[str, int]]
+    strict: bool
+
+    def wanted(self, trap_cpuid: bool) -> bool:
+        if self.enabled is False:
+            return False
+        return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """Everything a run needs, decided before anything starts."""
+
+    path: str
+    argv: Sequence[str]
+    plan: Plan
+    xcr0_prctl: int
+    env: dict[bytes, bytes]
+    described: dict[str, Any]  # the plan as --report and the banner show it
+    checks: AuditChoice
+    quiet: bool
+    report: str | None
+
+
+def open_report(path: str) -> int:
+    """Open --report's file now, so a bad path is an error before the program runs."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    except OSError as err:
+        raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
+
+
+def write_report(
+    fd: int, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
+) -> None:
+    from xcr0run import render
+
+    data: dict[str, Any] = {"plan": described}
+    if audit is not None:
+        data["audit"] = audit.to_json()
+    if outcome is not None:
+        data["run"] = {
+            "pid": outcome.pid,
+            "exit_code": outcome.exit_code,
+            "signal": outcome.signal,
+            "processes": outcome.processes,
+            "threads": outcome.threads,
+            "execs": outcome.execs,
+            "cpuid_traps": outcome.cpuid_traps,
+            "cpuid_leaves": outcome.leaves,
+        }
+    with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
+        f.write(render.to_json(data) + "\n")
+
+
+def become_program(request: RunRequest) -> NoReturn:
+    """Exec the program, with a tracing helper if the plan or the audit needs one."""
+    plan = request.plan
+    hidden = plan.view.host_xcr0 & ~plan.mask
+    audit = AuditLog(hidden) if request.checks.wanted(plan.trap_cpuid) else None
+    report_fd = open_report(request.report) if request.report else -1
+    if not plan.supervised and audit is None:
+        if report_fd >= 0:
+            write_report(report_fd, request.described, None, None)
+        launcher.exec_direct(request.path, request.argv, plan, request.xcr0_prctl, request.env)
+    guard = FilterSpec(
+        deny_amx=plan.deny_amx,
+        # Without CAP_SYS_ADMIN a filter needs no_new_privs, a price the explanation alone
+        # is not worth; with the CPUID guard there is a filter anyway.
+        explain_ptrace=os.geteuid() == 0 or plan.trap_cpuid,
+        guard_cpuid=plan.trap_cpuid,
+        stop_at_exit=audit is not None or report_fd >= 0,
+    )
+    tracer = ProgramTracer(request, audit, report_fd)
+    keep = frozenset({report_fd} if report_fd >= 0 else ())
+    launcher.exec_supervised(
+        request.path, request.argv, plan, request.xcr0_prctl, request.env, guard, tracer, keep
+    )
+
+
+class ProgramTracer:
+    """The helper's work: trace the program's tree, and speak once at its exit."""
+
+    def __init__(self, request: RunRequest, audit: AuditLog | None, report_fd: int) -> None:
+        self.request = request
+        self.audit = audit
+        self.report_fd = report_fd
+        self.stderr = -1
+        self.warned_ptrace: set[int] = set()
+        self.warned_exec: set[str] = set()
+
+    def __call__(self, program: int, attached: launcher.Attached, stderr: int) -> int:
+        self.stderr = stderr
+        plan = self.request.plan
+        supervisor = Supervisor(
+            plan.view,
+            trap_cpuid=plan.trap_cpuid,
+            grant_amx=plan.grant_amx,
+            audit=self.audit,
+            on_ptrace=self.explain_ptrace,
+            on_exec=self.check_privileges,
+            on_program_exit=self.conclude,
+        )
+        try:
+            supervisor.seize(program)
+        except (Xcr0runError, OSError) as err:
+            attached(str(err))
+            return 1
+        attached(None)
+        ticker = None
+        if self.audit is not None and self.request.checks.interval:
+            ticker = _Ticker(self.request.checks.interval, supervisor)
+        try:
+            if ticker:
+                ticker.start()
+            supervisor.run()
+        except SupervisorError as err:
+            self.say(str(err))
+            return 1
+        finally:
+            if ticker:
+                ticker.stop()
+        return 0
+
+    def say(self, line: str) -> None:
+        if self.stderr >= 0:
+            with contextlib.suppress(OSError):
+                os.write(self.stderr, f"{PROG}: {line}\n".encode())
+
+    def explain_ptrace(self, pid: int, name: str) -> None:
+        if pid not in self.warned_ptrace:
+            self.warned_ptrace.add(pid)
+            self.say(
+                f"{name} (pid {pid}) tries to trace a process that {PROG} traces; a "
+                f"process has one tracer, so run debuggers outside {PROG}"
+            )
+
+    def check_privileges(self, pid: int, path: str) -> None:
+        what = host.privileges_lost_under_trace(path)
+        if what and path not in self.warned_exec:
+            self.warned_exec.add(path)
+            self.say(
+                f"{path} is {what}, but runs without those privileges: the kernel does not "
+                f"grant them to a traced program (run it outside {PROG}, or as root)"
+            )
+
+    def conclude(self, outcome: Outcome, code: int | None) -> int | None:
+        """At the program's exit, before its parent hears of it: the audit's lines, the
+        report, and the status the audit asks for. Then let go of stderr and the report,
+        which the program's caller may be waiting on."""
+        if not outcome.execs:
+            return None  # it never became the program: the exec failure was reported
+        checks, audit = self.request.checks, self.audit
+        for warning in outcome.warnings:
+            self.say(warning)
+        failed = False
+        if audit is not None:
+            if audit.violations() or not self.request.quiet:
+                for line in audit.summary():
+                    self.say(line)
+            missing = audit.missing(checks.expect_used)
+            if missing:
+                self.say(f"audit: no use of {', '.join(missing)} was seen")
+            failed = bool(missing) or (checks.strict and bool(audit.violations()))
+        if self.report_fd >= 0:
+            if code is not None and outcome.exit_code is None:
+                outcome.exit_code = code
+            write_report(self.report_fd, self.request.described, outcome, audit)
+            self.report_fd = -1
+        if self.stderr >= 0:
+            os.close(self.stderr)
+            self.stderr = -1
+        if failed and code == 0:
+            return ExitStatus.HIDDEN_STATE_USED
+        return None
+
+
+# The tracer sleeps in waitpid; the audit's timer wakes it with a signal whose default
+# action is to ignore it, aimed at the main thread, whose handler then does the work.
+_WAKE_SIGNAL = signal.SIGURG
+
+
+class _Ticker(threading.Thread):
+    """Periodic audit samples (--audit-interval)."""
+
+    def __init__(self, interval: float, supervisor: Supervisor) -> None:
+        super().__init__(daemon=True, name="xcr0run-audit")
+        self.interval = interval
+        self.supervisor = supervisor
+        self.main = threading.main_thread().ident or 0
+        self.done = threading.Event()
+        signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval):
+            self.supervisor.sample_due = True
+            signal.pthread_kill(self.main, _WAKE_SIGNAL)
+
+    def stop(self) -> None:
+        self.done.set()
