@@ -35,14 +35,11 @@ PTRACE_TRACEME = 0
 PTRACE_PEEKTEXT = 1
 PTRACE_POKETEXT = 4
 PTRACE_CONT = 7
-PTRACE_KILL = 8
-PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_ATTACH = 16
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
-PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
@@ -63,7 +60,6 @@ PTRACE_EVENT_FORK = 1
 PTRACE_EVENT_VFORK = 2
 PTRACE_EVENT_CLONE = 3
 PTRACE_EVENT_EXEC = 4
-PTRACE_EVENT_EXIT = 6
 PTRACE_EVENT_SECCOMP = 7
 PTRACE_EVENT_STOP = 128
 
@@ -75,7 +71,6 @@ WALL = 0x40000000
 
 # <asm-generic/siginfo.h>
 SI_KERNEL = 0x80
-SI_USER = 0
 
 # <linux/prctl.h>, <linux/seccomp.h>, <linux/audit.h>, <linux/filter.h>
 PR_SET_NO_NEW_PRIVS = 38
@@ -260,14 +255,6 @@ def arch_prctl_raw(code: int, arg: int) -> int:
     """arch_prctl without raising: the result, or -errno."""
     result = _libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.c_ulong(arg))
     return -ctypes.get_errno() if result == -1 else result
-
-
-def mmap_min_addr() -> int:
-    try:
-        with open("/proc/sys/vm/mmap_min_addr") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 4096
 
 
 def address_mapped(address: int, length: int = 8) -> bool:

@@ -718,19 +718,6 @@ def _build_dependents_of() -> dict[str, tuple[str, ...]]:
 _DEPENDENTS_OF: Mapping[str, tuple[str, ...]] = _build_dependents_of()
 
 
-def _build_by_leaf() -> dict[tuple[int, int], tuple[CpuidFeature, ...]]:
-    grouped: dict[tuple[int, int], list[CpuidFeature]] = {}
-    for f in FEATURES:
-        grouped.setdefault((f.leaf, f.subleaf), []).append(f)
-    return {
-        key: tuple(sorted(fs, key=lambda f: (REGISTERS.index(f.register), f.bit)))
-        for key, fs in grouped.items()
-    }
-
-
-_BY_LEAF: Mapping[tuple[int, int], tuple[CpuidFeature, ...]] = _build_by_leaf()
-
-
 # -- lookups ------------------------------------------------------------------------------
 
 
@@ -758,15 +745,6 @@ def canonical(name: str) -> str:
     return feature(name).name
 
 
-def features_in(leaf: int, subleaf: int) -> tuple[CpuidFeature, ...]:
-    """Features whose bit lives in (leaf, subleaf), by register then bit.
-
-    Only primary locations: AMD's 80000001H EDX mirrors of leaf-1 bits are reported by
-    `locations_in`.
-    """
-    return _BY_LEAF.get((leaf, subleaf), ())
-
-
 def locations(name: str) -> tuple[Location, ...]:
     """Every place the bit of `name` appears: its own, plus AMD's 80000001H EDX mirror."""
     f = feature(name)
@@ -774,14 +752,6 @@ def locations(name: str) -> tuple[Location, ...]:
     if mirror is None:
         return (f.location,)
     return (f.location, (0x80000001, 0, "edx", mirror))
-
-
-def locations_in(leaf: int, subleaf: int) -> tuple[tuple[str, Register, int], ...]:
-    """(feature, register, bit) for every bit of (leaf, subleaf), mirrors included."""
-    found = [(f.name, f.register, f.bit) for f in features_in(leaf, subleaf)]
-    if (leaf, subleaf) == (0x80000001, 0):
-        found.extend((name, "edx", bit) for name, bit in AMD_E1_EDX_MIRRORS.items())
-    return tuple(sorted(found, key=lambda item: (REGISTERS.index(item[1]), item[2])))
 
 
 # -- the dependency graph -----------------------------------------------------------------

@@ -81,12 +81,10 @@ class Outcome:
     pid: int
     exit_code: int | None = None
     signal: int | None = None
-    core_dumped: bool = False
     processes: int = 0
     threads: int = 0
     execs: int = 0
     cpuid_traps: int = 0
-    exec_error: int | None = None  # errno when the command itself could not be executed
     leaves: dict[str, int] = field(default_factory=dict)  # "leaf.subleaf" -> traps
     warnings: list[str] = field(default_factory=list)
 
@@ -105,7 +103,6 @@ class Supervisor:
         *,
         trap_cpuid: bool = True,
         audit: AuditLog | None = None,
-        native_cpuid: Callable[[int, int], Registers] = n.cpuid,
         on_group_stop: Callable[[], None] | None = None,
         on_ptrace: Callable[[int, str], None] | None = None,
         grant_amx: bool = False,
@@ -115,7 +112,6 @@ class Supervisor:
         self.view = view
         self.trap_cpuid = trap_cpuid
         self.audit = audit
-        self._native_cpuid = native_cpuid
         self._answers: dict[tuple[int, int], Registers] = {}
         self._per_cpu: dict[tuple[int, int, int], Registers] = {}
         self._tracees: dict[int, Tracee] = {}
@@ -235,7 +231,6 @@ class Supervisor:
             self.outcome.exit_code = os.WEXITSTATUS(status)
         elif os.WIFSIGNALED(status):
             self.outcome.signal = os.WTERMSIG(status)
-            self.outcome.core_dumped = os.WCOREDUMP(status)
 
     def _stopped(self, tid: int, status: int) -> None:
         sig = os.WSTOPSIG(status)
@@ -434,12 +429,12 @@ class Supervisor:
             cpu = _current_cpu(tid)
             cached = self._per_cpu.get((cpu, *k))
             if cached is None:
-                raw = _on_cpu(cpu, lambda: self._native_cpuid(leaf, subleaf))
+                raw = _on_cpu(cpu, lambda: n.cpuid(leaf, subleaf))
                 cached = self._per_cpu[(cpu, *k)] = self.view.answer(leaf, subleaf, raw)
             return cached
         cached = self._answers.get(k)
         if cached is None:
-            raw = self._native_cpuid(leaf, subleaf)
+            raw = n.cpuid(leaf, subleaf)
             cached = self._answers[k] = self.view.answer(leaf, subleaf, raw)
         return cached
 
