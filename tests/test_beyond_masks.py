@@ -5,6 +5,7 @@ runtime feature table, driven through --method env (no CPUID faulting needed).""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def _as_cpuid_raw(table) -> str:
 @pytest.mark.parametrize("render", [_as_sde, _as_cpuid_raw])
 def test_imports_of_other_tools_dumps(render) -> None:
     profile = profiles.parse(render(TABLE), "dump")
-    assert profile.features() == profiles.present_features(TABLE)
+    assert profile.features() == features.present_in(TABLE)
     assert profile.table[(1, 0)] == TABLE[(1, 0)]
 
 
@@ -191,7 +192,7 @@ def test_show_profile_lists_the_differences() -> None:
         "plan"
     ]
     assert plan["psabi_level"] == "x86-64-v2"
-    if "avx2" in profiles.present_features(TABLE):
+    if "avx2" in features.present_in(TABLE):
         assert "avx2" in plan["profile"]["lacks"]
 
 
@@ -206,6 +207,28 @@ def test_profile_identity_reaches_the_view() -> None:
     assert vendor == b"GenuineIntel"
     assert seen[(1, 0)][0] & 0x0FFF3FFF == 0x306C3
     assert seen[(0, 0)][0] == TABLE[(0, 0)][0]  # the max leaf stays the host's
+
+
+@pytest.mark.parametrize("name", ["haswell", "skylake-server"])
+def test_a_profiles_brand_string_arrives_whole(name: str) -> None:
+    path = os.path.join(os.path.dirname(profiles.__file__), "profiles", f"{name}.json")
+    with open(path) as f:
+        brand = json.load(f)["brand"]
+    pv = profiles.profile_view(inspect.load_profile(name), TABLE, XCR0)
+    seen = CpuidView.build(pv.mask, XCR0, identity=pv.identity).apply(TABLE)
+    raw = b"".join(
+        r.to_bytes(4, "little")
+        for leaf in (0x80000002, 0x80000003, 0x80000004)
+        for r in seen[(leaf, 0)]
+    )
+    assert raw.split(b"\0")[0].decode() == brand
+
+
+def test_a_brand_string_longer_than_cpuid_holds_is_refused() -> None:
+    text = json.dumps({"features": ["fpu"], "brand": "x" * 48})
+    with pytest.raises(profiles.ProfileError, match="48 bytes; CPUID holds 47"):
+        profiles.parse(text, "long")
+    assert profiles.parse(json.dumps({"features": ["fpu"], "brand": "x" * 47}), "fits")
 
 
 def test_bad_profiles_are_one_line(tmp_path) -> None:

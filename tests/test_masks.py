@@ -42,7 +42,7 @@ def test_examples(text: str, host: int, expected: int) -> None:
     ("text", "host", "message"),
     [
         ("avx521", ZEN, "unknown component 'avx521', did you mean 'avx512'?"),
-        ("x87,sse,avx512", ZEN, "AVX-512 needs avx"),
+        ("x87,sse,avx512", ZEN, "avx512 needs avx"),
         ("x87,amx", ZEN, "tilecfg, tiledata are not supported by this CPU and kernel"),
         ("x87,sse,tiledata", SAPPHIRE, "tilecfg and tiledata go together: use 'amx'"),
         ("-x87", ZEN, "x87 must be set (XCR0 bit 0 can never be cleared)"),

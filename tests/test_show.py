@@ -76,6 +76,8 @@ def test_kernel_state_matches_arch_prctl_in_c(shown, oracle) -> None:
         None if oracle["xcomp_perm"] == "none" else oracle["xcomp_perm"]
     )
     assert shown["cpuid_faulting"]["supported"] == (oracle["faulting"] == "1")
+    # Not under xcr0run here; tests/test_supervisor.py checks the other answer.
+    assert shown["cpuid_faulting"]["enabled"] is False
 
 
 def _cpuinfo_flags() -> set[str]:

@@ -18,14 +18,12 @@ if TYPE_CHECKING:
     from xcr0run.audit import AuditLog
     from xcr0run.profiles import CpuidProfile
 
-from xcr0run import __version__, host, masks
+from xcr0run import PROG, __version__, host, masks
 from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
 from xcr0run.plan import Method, ViewSpec, shape_view
 from xcr0run.supervisor import Outcome
 from xcr0run.view import LEVELS
-
-PROG = "xcr0run"
 
 EPILOG = f"""\b
 Mask syntax (see man {PROG}):

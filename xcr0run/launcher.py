@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from xcr0run import _native, host, isalevel
 from xcr0run.audit import AuditLog
 from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
-from xcr0run.plan import Plan
+from xcr0run.plan import PATCH_XCR0_BITS, Plan
 from xcr0run.supervisor import Outcome, Supervisor
 
 # Signals a shell or terminal sends the whole foreground group: the program gets them
@@ -120,7 +120,7 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
     if plan.set_xcr0:
         # The components being disabled must be in their initial state; XFD-armed ones
         # (AMX tile data) are left out, since XRSTOR of them faults without permission.
-        to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
+        to_init = plan.view.host_xcr0 & ~plan.mask & PATCH_XCR0_BITS & ~0b11  # not x87, SSE
         result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
         if result != 0:
             raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")

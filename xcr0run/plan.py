@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 from xcr0run.errors import UnsupportedError
 from xcr0run.view import CpuidView, level_restriction
 
-_PATCH_MAX_BITS = 0x3FF
+# The components the 2020 ARCH_SET_XCR0 patch accepts: bits 0-9, so no AMX (17-18).
+PATCH_XCR0_BITS = 0x3FF
 
 
 class Method(str, enum.Enum):
@@ -37,6 +38,7 @@ class Capabilities:
     set_xcr0: bool
     set_xcr0_detail: str
     amx_supported: bool  # the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP bit 18)
+    faulting_enabled: bool = False  # this thread's CPUID already faults (under xcr0run)
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,11 @@ def make_plan(
     if method is Method.CPUID and not caps.faulting:
         raise UnsupportedError(f"--method cpuid: no CPUID faulting ({caps.faulting_detail})")
     # The 2020 patch refuses components from bit 10 up (AMX): such masks need cpuid.
-    kernel_fits = not mask & ~_PATCH_MAX_BITS
+    kernel_fits = not mask & ~PATCH_XCR0_BITS
     if method is Method.KERNEL and not kernel_fits:
         raise UnsupportedError(
             "--method kernel: ARCH_SET_XCR0 (the 2020 patch) refuses components above bit 9 "
-            f"({', '.join(c.name for c in xsave.components(mask & ~_PATCH_MAX_BITS))})"
+            f"({', '.join(c.name for c in xsave.components(mask & ~PATCH_XCR0_BITS))})"
         )
     set_xcr0 = want_kernel and caps.set_xcr0 and kernel_fits
     trap = caps.faulting  # the kernel mechanism still wants CPUID to agree with XCR0

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import IO, Any
 
+from xcr0run import PROG
 from xcr0run.inspect import ShowReport
 from xcr0run.masks import format_mask
-
-PROG = "xcr0run"
 
 
 def to_json(data: Any) -> str:
