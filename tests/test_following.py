@@ -16,6 +16,20 @@ from tests.conftest import xcr0run
 FOLLOW = ["-q", "-m", "host", "--audit"]
 
 
+def _child(parent: int, name: str, timeout: float = 30.0) -> int:
+    """The pid of `parent`'s child called `name`, as soon as it exists (start-up takes
+    from 0.3 s to well over that on a loaded machine: wait for it, not for a time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = subprocess.run(
+            ["pgrep", "-x", name, "-P", str(parent)], capture_output=True, text=True
+        ).stdout.split()
+        if found:
+            return int(found[0])
+        assert time.monotonic() < deadline, f"no child {name!r} of pid {parent} in {timeout} s"
+        time.sleep(0.01)
+
+
 def test_clone_without_clone_thread_is_a_process(cbuild) -> None:
     result = xcr0run([*FOLLOW, "--", cbuild("clone_process.c")])
     assert result.returncode == 0, result.stderr
@@ -41,7 +55,7 @@ def test_a_signal_to_the_whole_group_arrives_once(tmp_path) -> None:
             text=True,
             preexec_fn=os.setpgrp,
         )
-        time.sleep(0.5)
+        _child(_child(proc.pid, "sh"), "sleep")  # the trap is set
         send(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert out.strip() == "1", name
@@ -53,12 +67,7 @@ def test_a_program_stopped_by_sigstop_alone_can_be_continued() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.3)
-    child = int(
-        subprocess.run(
-            ["pgrep", "-P", str(proc.pid)], capture_output=True, text=True
-        ).stdout.split()[0]
-    )
+    child = _child(proc.pid, "sh")
     os.kill(child, signal.SIGSTOP)
     time.sleep(0.5)
     os.kill(child, signal.SIGCONT)
@@ -126,7 +135,7 @@ def test_ctrl_z_and_fg_stop_and_continue_xcr0run_with_the_program() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    _child(_child(proc.pid, "sh"), "sleep")
     os.killpg(proc.pid, signal.SIGTSTP)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status)
