@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
+from collections.abc import Callable
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -86,6 +88,8 @@ X32_SYSCALL_BIT = 0x40000000
 
 class NativeError(OSError):
     """A failed system call: errno, the call's name and the pid it was about."""
+
+    errno: int  # always set, unlike a plain OSError's
 
     def __init__(self, err: int, call: str, pid: int | None = None) -> None:
         where = f" (pid {pid})" if pid is not None else ""
@@ -197,10 +201,10 @@ def _load_code() -> tuple[int, int, int]:
     return offsets[0], offsets[1], offsets[2]
 
 
-_code_cache: list[tuple[ctypes._CFuncPtr, ...]] = []
+_code_cache: list[tuple[Callable[..., Any], ...]] = []
 
 
-def _functions() -> tuple[ctypes._CFuncPtr, ...]:
+def _functions() -> tuple[Callable[..., Any], ...]:
     if not _code_cache:
         cpuid_at, xgetbv_at, set_xcr0_at = _load_code()
         _code_cache.append(

@@ -123,6 +123,7 @@ def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[Com
     for c in xsave.COMPONENTS:
         user = c.scope is xsave.Scope.USER
         supported = bool((user_supported if user else supervisor_supported) & c.bit)
+        offset: int | None
         if c.number in _LEGACY:
             offset, size = _LEGACY[c.number]
             align, xfd = False, False

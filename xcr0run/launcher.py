@@ -158,9 +158,10 @@ def exec_direct(
         raise _exec_error(argv[0], err.errno) from err
 
 
-def _exec_error(name: str, err: int) -> CommandError:
+def _exec_error(name: str, err: int | None) -> CommandError:
     status = ExitStatus.NOT_FOUND if err == errno.ENOENT else ExitStatus.CANNOT_EXECUTE
-    return CommandError(f"failed to run command '{name}': {os.strerror(err)}", status)
+    why = os.strerror(err or errno.ENOEXEC)  # an OSError from execve always has errno
+    return CommandError(f"failed to run command '{name}': {why}", status)
 
 
 def supervise(

@@ -154,7 +154,7 @@ def shape_view(
     hidden: frozenset[str] = frozenset()
     added: frozenset[str] = frozenset()
     identity = None
-    facts = None
+    facts: dict[str, object] | None = None
     if mask is not None:
         labels.append(mask[0])
         value &= mask[1]

@@ -161,8 +161,8 @@ def table_from_features(
     one = table.entries.get((1, 0), _NONE)
     table.entries[(1, 0)] = (signature, one[1], one[2], one[3])
     if brand:
-        for leaf, regs in zip(BRAND_LEAVES, brand_registers(brand)):
-            table.entries[(leaf, 0)] = regs
+        for leaf, answer in zip(BRAND_LEAVES, brand_registers(brand)):
+            table.entries[(leaf, 0)] = answer
     return table
 
 
