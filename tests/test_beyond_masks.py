@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import xcr0run
 from xcr0run import envhints, features, host, inspect, profiles
+from xcr0run.plan import ViewSpec, shape_view
 from xcr0run.view import CpuidView, level_restriction
 
 XCR0 = host.xcr0()
@@ -163,6 +164,41 @@ def test_reference_profiles_load_and_cite_their_source() -> None:
     assert features.psabi_level(haswell.features()) == "x86-64-v3"
     skx = inspect.load_profile("skylake-server")
     assert features.psabi_level(skx.features()) == "x86-64-v4"
+
+
+def _seen_under(spec: ViewSpec) -> frozenset[str]:
+    view = CpuidView.build(
+        spec.mask, XCR0, extra_hidden=spec.extra_hidden, added=spec.added, identity=spec.identity
+    )
+    return features.present_in(view.apply(TABLE))
+
+
+@pytest.mark.parametrize("name", inspect.reference_profiles())
+def test_no_shipped_profile_hides_what_a_running_program_needs(name: str) -> None:
+    """On this machine, every shipped profile leaves a 64-bit program its long mode, NX
+    and the rest of what it runs on, and shows every feature it lists that the host has:
+    a profile that leaves out a system bit (PAE) must not take its dependents (LM, NX)."""
+    profile = inspect.load_profile(name)
+    seen = _seen_under(shape_view(XCR0, TABLE, profile=profile, force=True))
+    on_host = features.present_in(TABLE)
+    assert features.RUNNING_64BIT & on_host <= seen
+    assert profile.features() & on_host <= seen, sorted(profile.features() & on_host - seen)
+    assert {"lm", "nx"} & on_host <= seen
+
+
+@pytest.mark.parametrize("level", features.LEVEL_NAMES)
+def test_no_level_hides_what_a_running_program_needs(level: str) -> None:
+    seen = _seen_under(shape_view(XCR0, TABLE, level=level))
+    assert (features.RUNNING_64BIT | {"nx"}) & features.present_in(TABLE) <= seen
+
+
+def test_show_profile_keeps_long_mode_and_nx() -> None:
+    """The issue as a user saw it: --profile haswell told programs there was no long
+    mode and no NX; --level x86-64-v3 did not."""
+    for args in (["--profile", "haswell"], ["--profile", "x86-64-v3"], ["--level", "x86-64-v3"]):
+        result = xcr0run(["--show", "--json", "--force", *args])
+        plan = json.loads(result.stdout)["plan"]
+        assert not {"lm", "nx", "pae", "syscall", "sse2"} & set(plan["hidden_features"]), args
 
 
 def test_common_subset_of_several_profiles() -> None:

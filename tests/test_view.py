@@ -173,3 +173,15 @@ def test_this_hosts_own_table_under_each_preset() -> None:
         assert seen <= on_host
         for f in seen:
             assert (features.prerequisites([f]) & on_host) <= seen, (name, f)
+
+
+def test_no_mask_or_extra_hiding_takes_what_a_64_bit_program_runs_on(sapphire) -> None:
+    """XCR0 without SSE state (mask x87) hides AVX and up, not SSE2, which every x86-64
+    program already runs on; hiding PAE (a profile that leaves system bits out) keeps
+    LM and NX, which need it."""
+    table = _table(*SAPPHIRE_FEATURES, "pae", "lm", "nx", extra={**LEAF_0XD, **AMX_LEAF})
+    view = CpuidView.build(0x1, 0x602E7, extra_hidden=["pae", "msr", "lm"])
+    seen = features.present_in(view.apply(table))
+    assert {"sse", "sse2", "fpu", "fxsr", "cmov", "cx8", "syscall", "pae", "lm", "nx"} <= seen
+    assert not {"avx", "avx2", "avx512f", "amx_tile"} & seen
+    assert psabi_level(view.apply(table), 0x1) == "x86-64-v2"

@@ -840,6 +840,24 @@ def prerequisites(names: Iterable[str]) -> frozenset[str]:
     return _closure(frozenset(canonical(n) for n in names), False)
 
 
+# What a running 64-bit Linux program already depends on to be executing at all, so no
+# view may hide it, whatever a mask, a level or a profile leaves out: long mode, SYSCALL
+# (every 64-bit system call), and what an x86-64 kernel refuses to boot without
+# (arch/x86/include/asm/required-features.h, CONFIG_X86_64: FPU, MSR, PAE, CX8, FXSR,
+# CMOV, XMM, XMM2, LM; PSE and PGE only when not paravirtualized, so left out), with all
+# they require. SSE2 is also the psABI baseline every x86-64 program is compiled for.
+RUNNING_64BIT: frozenset[str] = prerequisites(
+    ["lm", "syscall", "fpu", "msr", "pae", "cx8", "fxsr", "cmov", "sse", "sse2"]
+)
+
+
+def hideable(names: Iterable[str]) -> frozenset[str]:
+    """`names` (canonical) without what a running 64-bit program depends on: the roots a
+    view may hide. Take `dependents` of the result, never the other way round, or a
+    feature that needs a kept one (NX on PAE) would be hidden with it."""
+    return frozenset(canonical(n) for n in names) - RUNNING_64BIT
+
+
 def register_masks(names: Iterable[str]) -> dict[tuple[int, int, Register], int]:
     """The bits of exactly `names` (no closure), grouped by (leaf, subleaf, register).
 

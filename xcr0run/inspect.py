@@ -249,9 +249,8 @@ def load_profile(name: str) -> CpuidProfile:
     from xcr0run import profiles
 
     if name in LEVELS:
-        needed = set(features.PSABI_LEVELS[name]) | {"lm", "nx"}
-        if "osxsave" in needed:
-            needed.add("xsave")
+        # The psABI's list, long mode and NX, and all they need (OSXSAVE needs XSAVE).
+        needed = features.prerequisites([*features.PSABI_LEVELS[name], "lm", "nx"])
         table = profiles.table_from_features(sorted(needed))
         source = f"the x86-64 psABI's list for {name}"
         return profiles.CpuidProfile(name, table, level_restriction(name)[0], source)

@@ -224,7 +224,7 @@ def profile_view(profile: CpuidProfile, host_table: CpuidTable, host_xcr0: int) 
     }
     return ProfileView(
         mask=profile.effective_xcr0() & host_xcr0,
-        hidden=frozenset(host_has - theirs - os_bits),
+        hidden=features.hideable(host_has - theirs - os_bits),
         missing=frozenset(theirs - host_has - os_bits - features.SYSTEM_FEATURES),
         identity=identity,
     )

@@ -24,16 +24,15 @@ def hidden_features(mask: int, host_xcr0: int, extra: Iterable[str] = ()) -> fro
     """Every feature a program must not see when XCR0 is cut from host_xcr0 to mask."""
     lost = xsave.dependents(host_xcr0 & ~mask)
     roots = {c.feature for c in xsave.components(lost) if c.scope is xsave.Scope.USER}
-    return features.dependents(roots | set(extra))
+    return features.dependents(features.hideable(roots | set(extra)))
 
 
 def usable_features(table: CpuidTable, xcr0: int) -> frozenset[str]:
     """Features present in `table` whose state XCR0 enables (what glibc calls usable)."""
-    present = features.present_in(table)
     disabled = {
         c.feature for c in xsave.COMPONENTS if c.scope is xsave.Scope.USER and not xcr0 & c.bit
     }
-    return frozenset(present - features.dependents(disabled))
+    return features.present_in(table) - features.dependents(features.hideable(disabled))
 
 
 def psabi_level(table: CpuidTable, xcr0: int, glibc: bool = False) -> str | None:
