@@ -202,7 +202,7 @@ def describe_plan(
 
         limits = [LIMITS]
     return {
-        "mask": spec.label,
+        "view": spec.label,
         "xcr0": f"{plan.mask:#x}",
         "xcr0_decoded": [c.name for c in xsave.components(plan.mask)],
         "mechanism": plan.mechanism,

@@ -132,7 +132,7 @@ def make_plan(
 class ViewSpec:
     """What the user asked the program to see, before choosing a mechanism."""
 
-    label: str  # for messages: the mask, level or profile names
+    label: str  # for messages: the options as given ("--level x86-64-v2")
     mask: int
     extra_hidden: frozenset[str] = frozenset()
     added: frozenset[str] = frozenset()
@@ -156,17 +156,17 @@ def shape_view(
     identity = None
     facts: dict[str, object] | None = None
     if mask is not None:
-        labels.append(mask[0])
+        labels.append(f"--mask {mask[0]}")
         value &= mask[1]
     if level is not None:
-        labels.append(level)
+        labels.append(f"--level {level}")
         level_mask, level_hidden = level_restriction(level)
         value &= level_mask
         hidden |= level_hidden
     if profile is not None:
         from xcr0run.profiles import profile_view
 
-        labels.append(profile.name)
+        labels.append(f"--profile {profile.name}")
         pv = profile_view(profile, host_table, host_xcr0)
         if pv.missing and not force:
             raise UnsupportedError(
@@ -187,4 +187,4 @@ def shape_view(
         }
     # What is left of XCR0 must still be a valid XCR0 (sse may go, avx512 needs avx...).
     value &= ~xsave.dependents(host_xcr0 & ~value)
-    return ViewSpec(" ".join(labels) or "host", value, hidden, added, identity, facts)
+    return ViewSpec(" ".join(labels) or "--mask host", value, hidden, added, identity, facts)

@@ -21,7 +21,7 @@ def banner(plan: dict[str, Any], host_xcr0: int) -> str:
     """The block printed on stderr before the program starts."""
     decoded = format_mask(int(plan["xcr0"], 16))
     lines = [
-        f"{PROG}: mask {plan['mask']} -> XCR0 {plan['xcr0']} ({decoded}), host {host_xcr0:#x}",
+        f"{PROG}: {plan['view']} -> XCR0 {plan['xcr0']} ({decoded}), host {host_xcr0:#x}",
         f"{PROG}: {plan['mechanism']}: {plan['how']}",
     ]
     hidden = plan["hidden_features"]
@@ -124,7 +124,7 @@ def show(report: ShowReport, out: IO[str]) -> None:
     plan = data["plan"]
     if plan:
         console.print()
-        console.print(f"[bold]With --mask {plan['mask']}[/bold]")
+        console.print(f"[bold]With {plan['view']}[/bold]")
         console.print(f"  XCR0 seen   {plan['xcr0']} ({format_mask(int(plan['xcr0'], 16))})")
         console.print(f"  mechanism   {plan['mechanism']}: {plan['how']}")
         console.print(f"  psABI level {plan['psabi_level'] or 'below x86-64-v1'}")
