@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from xcr0run.audit import AuditLog
     from xcr0run.profiles import CpuidProfile
 
+import xcr0run.completion  # noqa: F401  (its completion classes know mask edits)
 from xcr0run import PROG, __version__, host, masks
 from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError

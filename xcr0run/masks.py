@@ -162,6 +162,8 @@ def complete(
     for c in xsave.COMPONENTS:
         if c.scope is not xsave.Scope.USER or (host is not None and not host & c.bit):
             continue
+        if sign == "-" and c.bit & 1:
+            continue  # x87 can never be removed
         if c.name.startswith(stem) and sign + c.name not in already:
             out.append((prefix + sign + c.name, c.title))
     for group, members in xsave.GROUPS.items():
