@@ -26,6 +26,7 @@ def _child(parent: int, name: str, timeout: float = 30.0) -> int:
         ).stdout.split()
         if found:
             return int(found[0])
+        assert os.path.exists(f"/proc/{parent}"), f"pid {parent} ended without a child {name!r}"
         assert time.monotonic() < deadline, f"no child {name!r} of pid {parent} in {timeout} s"
         time.sleep(0.01)
 
@@ -45,7 +46,7 @@ def test_threads_dying_in_our_hands_do_not_end_the_run(cbuild) -> None:
 
 def test_a_signal_to_the_whole_group_arrives_once(tmp_path) -> None:
     script = (
-        "n=0; trap 'n=$((n+1))' TERM; i=0; while [ $i -lt 20 ]; do sleep 0.05; "
+        "n=0; trap 'n=$((n+1))' TERM; echo ready; i=0; while [ $i -lt 20 ]; do sleep 0.05; "
         "i=$((i+1)); done; echo $n"
     )
     for send, name in ((os.killpg, "group"), (os.kill, "xcr0run alone")):
@@ -55,7 +56,8 @@ def test_a_signal_to_the_whole_group_arrives_once(tmp_path) -> None:
             text=True,
             preexec_fn=os.setpgrp,
         )
-        _child(_child(proc.pid, "sh"), "sleep")  # the trap is set
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"  # the trap is set
         send(proc.pid, signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
         assert out.strip() == "1", name
@@ -135,7 +137,7 @@ def test_ctrl_z_and_fg_stop_and_continue_xcr0run_with_the_program() -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
-    _child(_child(proc.pid, "sh"), "sleep")
+    _child(proc.pid, "sh")  # exec'd, so xcr0run already ignores the terminal's signals
     os.killpg(proc.pid, signal.SIGTSTP)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status)
