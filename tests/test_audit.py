@@ -172,3 +172,16 @@ def test_amx_options_fail_clearly_without_amx() -> None:
     result = xcr0run(["-m", "host", "--grant-amx", "--", "true"])
     assert result.returncode == 125
     assert result.stderr == "xcr0run: --grant-amx: this CPU and kernel have no AMX\n"
+
+
+def test_a_clean_audit_is_one_short_line_that_points_at_the_limits() -> None:
+    """The method's limits are said once, in the docs; each run says where."""
+    from xcr0run.audit import AuditLog
+
+    log = AuditLog(hidden=xsave.NAMES["avx512"])
+    log.note(10, 10, xsave.NAMES["sse"], "prog", "/bin/prog")
+    (line,) = log.summary()
+    assert line.startswith("audit: no hidden state seen in 1 samples")
+    assert "man xcr0run, NOTES" in line and len("xcr0run: " + line) <= 80
+    log.note(11, 10, xsave.NAMES["avx512"], "prog", "/bin/prog")
+    assert log.summary() == ["audit: pid 10 tid 11 (prog, /bin/prog) used hidden avx512"]

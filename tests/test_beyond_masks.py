@@ -5,6 +5,7 @@ runtime feature table, driven through --method env (no CPUID faulting needed).""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import pytest
 
 from tests.conftest import xcr0run
 from xcr0run import envhints, features, host, inspect, profiles
+from xcr0run.plan import ViewSpec, shape_view
 from xcr0run.view import CpuidView, level_restriction
 
 XCR0 = host.xcr0()
@@ -147,7 +149,7 @@ def _as_cpuid_raw(table) -> str:
 @pytest.mark.parametrize("render", [_as_sde, _as_cpuid_raw])
 def test_imports_of_other_tools_dumps(render) -> None:
     profile = profiles.parse(render(TABLE), "dump")
-    assert profile.features() == profiles.present_features(TABLE)
+    assert profile.features() == features.present_in(TABLE)
     assert profile.table[(1, 0)] == TABLE[(1, 0)]
 
 
@@ -162,6 +164,41 @@ def test_reference_profiles_load_and_cite_their_source() -> None:
     assert features.psabi_level(haswell.features()) == "x86-64-v3"
     skx = inspect.load_profile("skylake-server")
     assert features.psabi_level(skx.features()) == "x86-64-v4"
+
+
+def _seen_under(spec: ViewSpec) -> frozenset[str]:
+    view = CpuidView.build(
+        spec.mask, XCR0, extra_hidden=spec.extra_hidden, added=spec.added, identity=spec.identity
+    )
+    return features.present_in(view.apply(TABLE))
+
+
+@pytest.mark.parametrize("name", inspect.reference_profiles())
+def test_no_shipped_profile_hides_what_a_running_program_needs(name: str) -> None:
+    """On this machine, every shipped profile leaves a 64-bit program its long mode, NX
+    and the rest of what it runs on, and shows every feature it lists that the host has:
+    a profile that leaves out a system bit (PAE) must not take its dependents (LM, NX)."""
+    profile = inspect.load_profile(name)
+    seen = _seen_under(shape_view(XCR0, TABLE, profile=profile, force=True))
+    on_host = features.present_in(TABLE)
+    assert features.RUNNING_64BIT & on_host <= seen
+    assert profile.features() & on_host <= seen, sorted(profile.features() & on_host - seen)
+    assert {"lm", "nx"} & on_host <= seen
+
+
+@pytest.mark.parametrize("level", features.LEVEL_NAMES)
+def test_no_level_hides_what_a_running_program_needs(level: str) -> None:
+    seen = _seen_under(shape_view(XCR0, TABLE, level=level))
+    assert (features.RUNNING_64BIT | {"nx"}) & features.present_in(TABLE) <= seen
+
+
+def test_show_profile_keeps_long_mode_and_nx() -> None:
+    """The issue as a user saw it: --profile haswell told programs there was no long
+    mode and no NX; --level x86-64-v3 did not."""
+    for args in (["--profile", "haswell"], ["--profile", "x86-64-v3"], ["--level", "x86-64-v3"]):
+        result = xcr0run(["--show", "--json", "--force", *args])
+        plan = json.loads(result.stdout)["plan"]
+        assert not {"lm", "nx", "pae", "syscall", "sse2"} & set(plan["hidden_features"]), args
 
 
 def test_common_subset_of_several_profiles() -> None:
@@ -191,7 +228,7 @@ def test_show_profile_lists_the_differences() -> None:
         "plan"
     ]
     assert plan["psabi_level"] == "x86-64-v2"
-    if "avx2" in profiles.present_features(TABLE):
+    if "avx2" in features.present_in(TABLE):
         assert "avx2" in plan["profile"]["lacks"]
 
 
@@ -206,6 +243,28 @@ def test_profile_identity_reaches_the_view() -> None:
     assert vendor == b"GenuineIntel"
     assert seen[(1, 0)][0] & 0x0FFF3FFF == 0x306C3
     assert seen[(0, 0)][0] == TABLE[(0, 0)][0]  # the max leaf stays the host's
+
+
+@pytest.mark.parametrize("name", ["haswell", "skylake-server"])
+def test_a_profiles_brand_string_arrives_whole(name: str) -> None:
+    path = os.path.join(os.path.dirname(profiles.__file__), "profiles", f"{name}.json")
+    with open(path) as f:
+        brand = json.load(f)["brand"]
+    pv = profiles.profile_view(inspect.load_profile(name), TABLE, XCR0)
+    seen = CpuidView.build(pv.mask, XCR0, identity=pv.identity).apply(TABLE)
+    raw = b"".join(
+        r.to_bytes(4, "little")
+        for leaf in (0x80000002, 0x80000003, 0x80000004)
+        for r in seen[(leaf, 0)]
+    )
+    assert raw.split(b"\0")[0].decode() == brand
+
+
+def test_a_brand_string_longer_than_cpuid_holds_is_refused() -> None:
+    text = json.dumps({"features": ["fpu"], "brand": "x" * 48})
+    with pytest.raises(profiles.ProfileError, match="48 bytes; CPUID holds 47"):
+        profiles.parse(text, "long")
+    assert profiles.parse(json.dumps({"features": ["fpu"], "brand": "x" * 47}), "fits")
 
 
 def test_bad_profiles_are_one_line(tmp_path) -> None:

@@ -107,3 +107,13 @@ def test_mask_completion_through_click() -> None:
     }
     result = xcr0run([], env=env)
     assert "plain,x87,sse" in result.stdout.split()
+
+
+def test_the_banner_and_show_name_the_option_that_was_given() -> None:
+    """A level is not a mask, nor a profile: each is named as given."""
+    run = xcr0run(["--method", "env", "--level", "x86-64-v2", "--", "true"])
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.startswith("xcr0run: --level x86-64-v2 -> XCR0 0x3 (x87,sse), host ")
+    for args in (["--profile", "haswell", "--force"], ["--mask", "x87,sse"]):
+        shown = xcr0run(["--show", *args], check=True).stdout
+        assert f"With {' '.join(a for a in args if a != '--force')}\n" in shown

@@ -72,6 +72,7 @@ compadd() { print -rl -- ${plain} }
 _describe() { local d; for d in ${described}; do print -r -- ${d%%:*}; done }
 _normal() { print -r -- "NORMAL ${words[*]}" }
 _path_files() { print -r -- FILES }
+compset() { [[ $1 == -P ]] && print -r -- "IPREFIX ${words[CURRENT]%%=*}=" }
 source completions/zsh/_xcr0run
 words=("$@"); CURRENT=$#words
 _xcr0run
@@ -123,3 +124,37 @@ def test_fish_completes_the_mask_and_hands_over(env) -> None:
     assert "echo" in fish(env, "xcr0run -m host -- ech")
     assert "--color" in fish(env, "xcr0run -m host ls --colo")
     assert fish(env, "xcr0run --method ") == ["auto", "cpuid", "env", "kernel"]
+
+
+# -- values that start with '-', "--opt=value", profile names ----------------------------
+# Bash splits "--mask=x87" at "=" (COMP_WORDBREAKS): its words are given as bash has them.
+
+
+def test_bash_completes_edits_joined_values_and_profile_names(env) -> None:
+    edits = bash(env, "xcr0run", "--mask", "-")
+    assert "-sse" in edits and "-x87" not in edits and not any(e.startswith("--") for e in edits)
+    assert bash(env, "xcr0run", "-m", "-ss") == ["-sse"]
+    assert bash(env, "xcr0run", "--mask", "=", "x87,s") == ["x87,sse"]
+    assert bash(env, "xcr0run", "--mask", "=", "-ss") == ["-sse"]
+    assert "=host" in bash(env, "xcr0run", "--mask", "=")
+    assert bash(env, "xcr0run", "--profile", "has") == ["haswell"]
+    offered = bash(env, "xcr0run", "--profile", "")
+    assert {"haswell", "skylake-server", "x86-64-v3", "README.md"} <= set(offered)
+
+
+def test_zsh_completes_edits_joined_values_and_profile_names(env) -> None:
+    edits = zsh(env, "xcr0run", "--mask", "-")
+    assert "-sse" in edits and not any(e.startswith("--") for e in edits)
+    assert zsh(env, "xcr0run", "--mask=x87,s") == ["IPREFIX --mask=", "x87,sse"]
+    assert zsh(env, "xcr0run", "--mask=-ss") == ["IPREFIX --mask=", "-sse"]
+    assert "haswell" in zsh(env, "xcr0run", "--profile", "has")
+    assert {"haswell", "FILES"} <= set(zsh(env, "xcr0run", "--profile", ""))
+
+
+def test_fish_completes_edits_joined_values_and_profile_names(env) -> None:
+    edits = fish(env, "xcr0run --mask -")
+    assert "-sse" in edits and not any(e.startswith("--") for e in edits)
+    assert fish(env, "xcr0run --mask -ss") == ["-sse"]
+    assert fish(env, "xcr0run --mask=x87,s") == ["--mask=x87,sse"]
+    assert fish(env, "xcr0run --profile has") == ["haswell"]
+    assert fish(env, "xcr0run --profile ./RE") == ["./README.md"]

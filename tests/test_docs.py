@@ -66,12 +66,14 @@ def test_mandoc_lint_is_clean() -> None:
 
 
 def test_wheel_installs_man_page_and_completions(tmp_path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(ROOT)],
         check=True,
         capture_output=True,
+        text=True,
         timeout=300,
     )
+    assert "absent from the `packages` configuration" not in build.stdout + build.stderr
     (wheel,) = tmp_path.glob("xcr0run-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "xcr0run/profiles/haswell.json" in names

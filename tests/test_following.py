@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import xcr0run
+from tests.conftest import comm, wait_for, xcr0run
 
 FOLLOW = ["-q", "-m", "host", "--audit"]
 
@@ -27,6 +27,25 @@ def test_threads_dying_in_our_hands_do_not_end_the_run(cbuild) -> None:
     for _ in range(15):
         result = xcr0run([*FOLLOW, "--", prog])
         assert (result.returncode, result.stderr) == (0, "")
+
+
+def test_a_signal_to_the_whole_group_arrives_once(tmp_path) -> None:
+    script = (
+        "n=0; trap 'n=$((n+1))' TERM; echo ready; i=0; while [ $i -lt 20 ]; do sleep 0.05; "
+        "i=$((i+1)); done; echo $n"
+    )
+    for send, name in ((os.killpg, "group"), (os.kill, "the program's pid")):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "xcr0run", *FOLLOW, "--", "sh", "-c", script],
+            stdout=subprocess.PIPE,
+            text=True,
+            preexec_fn=os.setpgrp,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"  # the trap is set
+        send(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert out.strip() == "1", name
 
 
 def test_nested_xcr0run_fails_cleanly_instead_of_hanging() -> None:
@@ -81,16 +100,16 @@ def test_a_truncated_elf_file_is_not_a_crash(tmp_path) -> None:
 
 
 def test_ctrl_z_and_fg_stop_and_continue_xcr0run_with_the_program() -> None:
-    """Ctrl-Z sends SIGTSTP to the foreground group, fg sends SIGCONT: xcr0run stops with
-    the program so the shell sees the job stopped. (A new process group, not a new
-    session: an orphaned group ignores SIGTSTP.)"""
+    """Ctrl-Z sends SIGTSTP to the foreground group, fg sends SIGCONT: the program (which
+    xcr0run became) stops, and its parent sees it stopped. (A new process group, not a
+    new session: an orphaned group ignores SIGTSTP.)"""
     proc = subprocess.Popen(
         [sys.executable, "-m", "xcr0run", *FOLLOW, "--", "sh", "-c", "sleep 1; echo done"],
         preexec_fn=os.setpgrp,
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    wait_for(lambda: comm(proc.pid) == "sh")  # xcr0run has become the program
     os.killpg(proc.pid, signal.SIGTSTP)
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status)

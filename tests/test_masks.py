@@ -42,7 +42,7 @@ def test_examples(text: str, host: int, expected: int) -> None:
     ("text", "host", "message"),
     [
         ("avx521", ZEN, "unknown component 'avx521', did you mean 'avx512'?"),
-        ("x87,sse,avx512", ZEN, "AVX-512 needs avx"),
+        ("x87,sse,avx512", ZEN, "avx512 needs avx"),
         ("x87,amx", ZEN, "tilecfg, tiledata are not supported by this CPU and kernel"),
         ("x87,sse,tiledata", SAPPHIRE, "tilecfg and tiledata go together: use 'amx'"),
         ("-x87", ZEN, "x87 must be set (XCR0 bit 0 can never be cleared)"),
@@ -71,6 +71,9 @@ def test_presets_are_derived_from_the_table() -> None:
 def test_completion_extends_the_last_item() -> None:
     assert ("x87,sse", "SSE registers XMM0-15 and MXCSR") in masks.complete("x87,s", ZEN)
     assert [v for v, _ in masks.complete("x87,sse,a", ZEN)] == ["x87,sse,avx", "x87,sse,avx512"]
+    # x87 can never be removed, so it is no edit to offer.
+    assert "-x87" not in [v for v, _ in masks.complete("-", ZEN)]
+    assert {"-sse", "-avx", "-avx512"} <= {v for v, _ in masks.complete("-", ZEN)}
     assert [v for v, _ in masks.complete("-a", SAPPHIRE)] == ["-avx", "-avx512", "-amx"]
     assert {v for v, _ in masks.complete("no-a", ZEN)} == {
         "no-avx",

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
+import struct
 import subprocess
+import sys
+import termios
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import xcr0run
+
+ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +86,8 @@ def test_kernel_state_matches_arch_prctl_in_c(shown, oracle) -> None:
         None if oracle["xcomp_perm"] == "none" else oracle["xcomp_perm"]
     )
     assert shown["cpuid_faulting"]["supported"] == (oracle["faulting"] == "1")
+    # Not under xcr0run here; tests/test_supervisor.py checks the other answer.
+    assert shown["cpuid_faulting"]["enabled"] is False
 
 
 def _cpuinfo_flags() -> set[str]:
@@ -126,7 +138,89 @@ def test_show_mask_describes_without_running(shown) -> None:
 
 def test_human_output_names_everything(shown) -> None:
     out = xcr0run(["--show"], check=True, env={"NO_COLOR": "1"}).stdout
-    assert f"XCR0 {shown['xcr0']}" in out
+    assert re.search(rf"^XCR0 +{shown['xcr0']} ", out, re.M)
     for word in ("CPUID faulting", "ARCH_SET_XCR0", "XSAVE area", "psABI level", "x87"):
         assert word in out
     assert "\x1b[" not in out  # no colour when not a terminal
+
+
+# -- 80 columns ---------------------------------------------------------------------------
+
+_STYLE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# The words a line of --show may start with; anything else is a wrapped line that lost
+# its indentation.
+_LINE_STARTS = re.compile(
+    r"(XCR0|XINUSE|bit|\d+|XSAVE area|Kernel|CPUID faulting|ARCH_SET_XCR0|psABI level|CPU"
+    r"|With|pid|tid) "
+)
+
+
+def _on_a_terminal(args: list[str], columns: int = 80) -> list[str]:
+    """xcr0run's output on a pseudo-terminal `columns` wide (and COLUMNS set, as a shell
+    would), without style codes."""
+    pid, fd = pty.fork()
+    if pid == 0:  # pragma: no cover - the child execs
+        os.environ.update(COLUMNS=str(columns), LINES="50", PYTHONPATH=str(ROOT))
+        os.execv(sys.executable, [sys.executable, "-m", "xcr0run", *args])
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 50, columns, 0, 0))
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, b"".join(chunks)
+    text = _STYLE.sub("", b"".join(chunks).decode())
+    return text.replace("\r\n", "\n").split("\n")
+
+
+def _check_80_columns(lines: list[str]) -> None:
+    for line in lines:
+        assert len(line) <= 80, line
+        assert line == line.rstrip(), f"trailing blanks: {line!r}"
+        assert not line or line.startswith(" ") or _LINE_STARTS.match(line), line
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--show"],
+        ["--show", "--mask", "-avx"],
+        ["--show", "--level", "x86-64-v2"],
+        ["--show", "--force", "--profile", "haswell"],
+    ],
+)
+def test_show_fits_80_columns_with_wrapped_lines_indented(args: list[str]) -> None:
+    lines = _on_a_terminal(args)
+    _check_80_columns(lines)
+    assert lines[0].startswith("XCR0") and any(line.startswith("CPU ") for line in lines)
+    if len(args) > 1:
+        assert f"With {args[-2]} {args[-1]}" in lines
+
+
+def test_show_pid_fits_80_columns() -> None:
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        lines = _on_a_terminal(["--show", "-p", str(proc.pid)])
+    finally:
+        proc.kill()
+        proc.wait()
+    _check_80_columns(lines)
+    assert lines[0].startswith(f"pid {proc.pid} sleep")
+
+
+def test_piped_show_has_no_trailing_blanks() -> None:
+    out = xcr0run(["--show", "--mask", "-avx"], check=True).stdout
+    assert all(line == line.rstrip() for line in out.splitlines())
+
+
+def test_help_fits_80_columns() -> None:
+    out = xcr0run(["--help"], check=True, env={"COLUMNS": "80"}).stdout
+    assert "Examples:" in out
+    for line in out.splitlines():
+        assert len(line) <= 80, line

@@ -256,18 +256,22 @@ def test_audit_catches_hidden_state_used_anyway(cbuild) -> None:
 
 def test_a_profile_is_what_the_program_sees(view_prog, native) -> None:
     """--profile: the program sees the profile's vendor and family and only features the
-    profile has; here a psABI-level profile and a CPU-generation one."""
+    profile has; here a psABI-level profile and a CPU-generation one. Neither takes
+    long mode or NX away from a 64-bit program (both profiles have them)."""
+    lm, nx = features.feature("lm").bit, features.feature("nx").bit
     result = xcr0run(["-q", "--force", "--profile", "x86-64-v2", "--", view_prog])
     assert result.returncode == 0, result.stderr
     (line,) = _views(result.stdout)
     assert not line["l7b"] >> features.feature("avx2").bit & 1
     assert not line["l1c"] >> features.feature("avx").bit & 1
     assert line["l1c"] >> features.feature("sse4_2").bit & 1 == native["l1c"] >> 20 & 1
+    assert line["e1d"] >> lm & 1 and line["e1d"] >> nx & 1 == native["e1d"] >> nx & 1
     haswell = xcr0run(["-q", "--force", "--profile", "haswell", "--", view_prog])
     (line,) = _views(haswell.stdout)
     vendor = b"".join(line[r].to_bytes(4, "little") for r in ("l0b", "l0d", "l0c"))
     assert vendor == b"GenuineIntel"
     assert line["l1a"] & 0x0FFF3FFF == 0x306C3
+    assert line["e1d"] >> lm & 1 and line["e1d"] >> nx & 1 == native["e1d"] >> nx & 1
 
 
 def test_level_under_the_cpuid_mechanism_agrees_with_glibc() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from xcr0run import features, host
-from xcr0run.cpuid import CpuidTable
+from xcr0run.cpuid import REGISTERS, CpuidTable
 from xcr0run.view import CpuidView, hidden_features, psabi_level
 
 
@@ -18,9 +18,7 @@ def _table(*names: str, extra: dict[tuple[int, int], tuple[int, int, int, int]] 
     regs: dict[tuple[int, int], list[int]] = {}
     for name in names:
         leaf, sub, reg, bit = _bit(name)
-        regs.setdefault((leaf, sub), [0, 0, 0, 0])[("eax", "ebx", "ecx", "edx").index(reg)] |= (
-            1 << bit
-        )
+        regs.setdefault((leaf, sub), [0, 0, 0, 0])[REGISTERS.index(reg)] |= 1 << bit
     table = CpuidTable({k: (v[0], v[1], v[2], v[3]) for k, v in regs.items()})
     table.entries.update(extra or {})
     return table
@@ -167,11 +165,7 @@ def test_this_hosts_own_table_under_each_preset() -> None:
 
     table, xcr0 = host.cpuid_table(), host.xcr0()
 
-    def shown(t: CpuidTable) -> set[str]:
-        return {
-            f.name for f in features.FEATURES if t.has_bit(f.leaf, f.subleaf, f.register, f.bit)
-        }
-
+    shown = features.present_in
     on_host = shown(table)
     for name in masks.PRESETS:
         view = CpuidView.build(masks.parse_mask(name, xcr0), xcr0)
@@ -179,3 +173,15 @@ def test_this_hosts_own_table_under_each_preset() -> None:
         assert seen <= on_host
         for f in seen:
             assert (features.prerequisites([f]) & on_host) <= seen, (name, f)
+
+
+def test_no_mask_or_extra_hiding_takes_what_a_64_bit_program_runs_on(sapphire) -> None:
+    """XCR0 without SSE state (mask x87) hides AVX and up, not SSE2, which every x86-64
+    program already runs on; hiding PAE (a profile that leaves system bits out) keeps
+    LM and NX, which need it."""
+    table = _table(*SAPPHIRE_FEATURES, "pae", "lm", "nx", extra={**LEAF_0XD, **AMX_LEAF})
+    view = CpuidView.build(0x1, 0x602E7, extra_hidden=["pae", "msr", "lm"])
+    seen = features.present_in(view.apply(table))
+    assert {"sse", "sse2", "fpu", "fxsr", "cmov", "cx8", "syscall", "pae", "lm", "nx"} <= seen
+    assert not {"avx", "avx2", "avx512f", "amx_tile"} & seen
+    assert psabi_level(view.apply(table), 0x1) == "x86-64-v2"

@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
+from collections.abc import Callable
+from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -35,14 +37,11 @@ PTRACE_TRACEME = 0
 PTRACE_PEEKTEXT = 1
 PTRACE_POKETEXT = 4
 PTRACE_CONT = 7
-PTRACE_KILL = 8
-PTRACE_SINGLESTEP = 9
 PTRACE_GETREGS = 12
 PTRACE_SETREGS = 13
 PTRACE_ATTACH = 16
 PTRACE_DETACH = 17
 PTRACE_SYSCALL = 24
-PTRACE_SETOPTIONS = 0x4200
 PTRACE_GETEVENTMSG = 0x4201
 PTRACE_GETSIGINFO = 0x4202
 PTRACE_GETREGSET = 0x4204
@@ -77,7 +76,6 @@ WALL = 0x40000000
 
 # <asm-generic/siginfo.h>
 SI_KERNEL = 0x80
-SI_USER = 0
 
 # <linux/prctl.h>, <linux/seccomp.h> (the filter itself: seccomp.py)
 PR_SET_NO_NEW_PRIVS = 38
@@ -87,6 +85,8 @@ SECCOMP_SET_MODE_FILTER = 1
 
 class NativeError(OSError):
     """A failed system call: errno, the call's name and the pid it was about."""
+
+    errno: int  # always set, unlike a plain OSError's
 
     def __init__(self, err: int, call: str, pid: int | None = None) -> None:
         where = f" (pid {pid})" if pid is not None else ""
@@ -198,10 +198,10 @@ def _load_code() -> tuple[int, int, int]:
     return offsets[0], offsets[1], offsets[2]
 
 
-_code_cache: list[tuple[ctypes._CFuncPtr, ...]] = []
+_code_cache: list[tuple[Callable[..., Any], ...]] = []
 
 
-def _functions() -> tuple[ctypes._CFuncPtr, ...]:
+def _functions() -> tuple[Callable[..., Any], ...]:
     if not _code_cache:
         cpuid_at, xgetbv_at, set_xcr0_at = _load_code()
         _code_cache.append(
@@ -256,14 +256,6 @@ def arch_prctl_raw(code: int, arg: int) -> int:
     """arch_prctl without raising: the result, or -errno."""
     result = _libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.c_ulong(arg))
     return -ctypes.get_errno() if result == -1 else result
-
-
-def mmap_min_addr() -> int:
-    try:
-        with open("/proc/sys/vm/mmap_min_addr") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return 4096
 
 
 def address_mapped(address: int, length: int = 8) -> bool:

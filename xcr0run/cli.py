@@ -8,6 +8,7 @@ import math
 import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -18,25 +19,29 @@ from click.shell_completion import CompletionItem
 if TYPE_CHECKING:
     from xcr0run.profiles import CpuidProfile
 
-from xcr0run import __version__, host, masks
+import xcr0run.completion  # noqa: F401  (its completion classes know mask edits)
+from xcr0run import PROG, __version__, host, masks
 from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
 from xcr0run.plan import Method, ViewSpec, shape_view
-from xcr0run.run import PROG, AuditChoice
+from xcr0run.run import AuditChoice
 from xcr0run.view import LEVELS
+
+# Help lines fit 80 columns: click indents the epilog by 2, the text column is at 19.
+_PRESETS = textwrap.wrap("a preset: " + ", ".join(masks.PRESETS), 59, break_on_hyphens=False)
 
 EPILOG = f"""\b
 Mask syntax (see man {PROG}):
   x87,sse,avx      exactly these XSAVE components (groups: avx512, amx, mpx)
   0x7              a raw XCR0 value
-  no-avx512        a preset: host, {", ".join(p for p in masks.PRESETS if p != "host")}
+  no-avx512        {(chr(10) + " " * 19).join(_PRESETS)}
   -avx512,-pkru    the host set minus these (and what needs them)
 
 \b
 Examples:
-  {PROG} --show                          this thread's XCR0, decoded, with sizes
-  {PROG} --show --mask no-avx512         what a mask would hide here, without running
-  {PROG} --mask no-avx512 -- ./test      run a test as on a CPU without AVX-512
+  {PROG} --show                      this thread's XCR0, decoded
+  {PROG} --show --mask no-avx512     what the mask hides here, dry run
+  {PROG} --mask no-avx512 -- ./test  run as on a CPU without AVX-512
   {PROG} -q --mask x87,sse,avx -- make check
   {PROG} --report run.json -m -avx -- ./bench
 

@@ -7,14 +7,17 @@ filled by the system layer (host.py) or loaded from a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
-Registers = tuple[int, int, int, int]  # eax, ebx, ecx, edx
-REGISTER_NAMES = ("eax", "ebx", "ecx", "edx")
+Register = Literal["eax", "ebx", "ecx", "edx"]
+REGISTERS: tuple[Register, ...] = ("eax", "ebx", "ecx", "edx")  # the order of Registers
+Registers = tuple[int, int, int, int]
 
 HYPERVISOR_BASE = 0x40000000
 EXTENDED_BASE = 0x80000000
+XSAVE_LEAF = 0xD  # XSAVE features, state components and their sizes
 
 
 def _until_cache_type(_n: int, regs: Registers) -> bool:
@@ -36,7 +39,7 @@ _WHILE: dict[int, Callable[[int, Registers], bool]] = {
     0x8000001D: _until_cache_type,
     0x80000026: _until_level_type,
 }
-_FIXED: dict[int, int] = {0xD: 64, 0xF: 4, 0x10: 4, 0x1E: 2, 0x23: 4, 0x80000020: 4}
+_FIXED: dict[int, int] = {XSAVE_LEAF: 64, 0xF: 4, 0x10: 4, 0x1E: 2, 0x23: 4, 0x80000020: 4}
 SUBLEAF_LEAVES = frozenset(_MAX_IN_EAX | set(_WHILE) | set(_FIXED))
 
 # Leaves whose answer depends on the CPU asking: APIC and topology IDs, and on hybrid
@@ -65,9 +68,9 @@ class CpuidTable:
     def __getitem__(self, leaf_subleaf: tuple[int, int]) -> Registers:
         return self.get(*leaf_subleaf) or (0, 0, 0, 0)
 
-    def has_bit(self, leaf: int, subleaf: int, register: str, bit: int) -> bool:
+    def has_bit(self, leaf: int, subleaf: int, register: Register, bit: int) -> bool:
         regs = self.get(leaf, subleaf)
-        return bool(regs and regs[REGISTER_NAMES.index(register)] >> bit & 1)
+        return bool(regs and regs[REGISTERS.index(register)] >> bit & 1)
 
     def __iter__(self) -> Iterator[tuple[tuple[int, int], Registers]]:
         return iter(sorted(self.entries.items()))
@@ -83,6 +86,45 @@ class CpuidTable:
             a, b, c, d = (int(r, 16) for r in regs)
             table.entries[key(int(leaf, 16), int(sub or "0"))] = (a, b, c, d)
         return table
+
+
+# -- identity: the vendor (leaf 0) and the brand string (0x80000002-0x80000004) ----------
+
+BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
+BRAND_MAX = 47  # characters: the brand string is 48 bytes, NUL-terminated
+
+
+def _text(words: Iterable[int]) -> str:
+    raw = b"".join(w.to_bytes(4, "little") for w in words)
+    return raw.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def _words(raw: bytes) -> list[int]:
+    return [int.from_bytes(raw[i : i + 4], "little") for i in range(0, len(raw), 4)]
+
+
+def vendor(table: CpuidTable) -> str:
+    _, ebx, ecx, edx = table[(0, 0)]
+    return _text((ebx, edx, ecx))
+
+
+def vendor_registers(name: str) -> tuple[int, int, int]:
+    """(ebx, ecx, edx) of leaf 0 for a 12-character vendor name."""
+    ebx, edx, ecx = _words(name.encode().ljust(12, b"\0")[:12])
+    return ebx, ecx, edx
+
+
+def brand(table: CpuidTable) -> str:
+    return _text(r for leaf in BRAND_LEAVES for r in table[(leaf, 0)]).strip()
+
+
+def brand_registers(text: str) -> list[Registers]:
+    """The three brand leaves' answers for `text`; ValueError when it does not fit."""
+    raw = text.encode()
+    if len(raw) > BRAND_MAX:
+        raise ValueError(f"brand {text!r} is {len(raw)} bytes; CPUID holds {BRAND_MAX}")
+    words = _words(raw.ljust(BRAND_MAX + 1, b"\0"))
+    return [(words[i], words[i + 1], words[i + 2], words[i + 3]) for i in range(0, 12, 4)]
 
 
 def read_table(run: Callable[[int, int], Registers]) -> CpuidTable:

@@ -54,10 +54,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-Register = Literal["eax", "ebx", "ecx", "edx"]
-REGISTERS: tuple[Register, ...] = ("eax", "ebx", "ecx", "edx")
+from xcr0run.cpuid import REGISTERS, CpuidTable, Register
 
 # Where one bit lives: (leaf, sub-leaf, register, bit).
 Location = tuple[int, int, Register, int]
@@ -77,6 +75,10 @@ class CpuidFeature:
     cpuinfo: str | None = None
     aliases: tuple[str, ...] = ()  # other real spellings (Linux, glibc, GCC, Xen, SDM)
     os_managed: bool = False  # set by the OS, not the CPU (OSXSAVE, OSPKE)
+    # A platform, virtualization or supervisor facility rather than an instruction a user
+    # program runs: a profile may claim it on a host that lacks it without the program
+    # dying of SIGILL (SDM vol. 2A CPUID tables, by what each bit enables).
+    system: bool = False
 
     @property
     def location(self) -> Location:
@@ -98,6 +100,7 @@ class _Row:
     cpuinfo: str | None = None
     aliases: str = ""
     os_managed: bool = False
+    system: bool = False
 
 
 def _table(
@@ -115,6 +118,7 @@ def _table(
             cpuinfo=r.cpuinfo,
             aliases=tuple(r.aliases.split()),
             os_managed=r.os_managed,
+            system=r.system,
         )
         for r in rows
     )
@@ -134,34 +138,40 @@ _LEAF1_EDX = _table(
     "edx",
     (
         _Row(0, "fpu", "x87 floating-point unit on chip"),
-        _Row(1, "vme", "Virtual-8086 mode enhancements"),
-        _Row(2, "de", "Debugging extensions (CR4.DE, I/O breakpoints)"),
-        _Row(3, "pse", "Page size extension (4 MiB pages)"),
+        _Row(1, "vme", "Virtual-8086 mode enhancements", system=True),
+        _Row(2, "de", "Debugging extensions (CR4.DE, I/O breakpoints)", system=True),
+        _Row(3, "pse", "Page size extension (4 MiB pages)", system=True),
         _Row(4, "tsc", "Time-stamp counter and RDTSC"),
-        _Row(5, "msr", "Model-specific registers, RDMSR/WRMSR"),
-        _Row(6, "pae", "Physical address extension"),
-        _Row(7, "mce", "Machine-check exception"),
+        _Row(5, "msr", "Model-specific registers, RDMSR/WRMSR", system=True),
+        _Row(6, "pae", "Physical address extension", system=True),
+        _Row(7, "mce", "Machine-check exception", system=True),
         _Row(8, "cx8", "CMPXCHG8B instruction", aliases="cmpxchg8b"),
-        _Row(9, "apic", "On-chip local APIC"),
-        _Row(11, "sep", "SYSENTER/SYSEXIT instructions"),
-        _Row(12, "mtrr", "Memory type range registers"),
-        _Row(13, "pge", "Global pages (CR4.PGE)"),
-        _Row(14, "mca", "Machine-check architecture"),
+        _Row(9, "apic", "On-chip local APIC", system=True),
+        _Row(11, "sep", "SYSENTER/SYSEXIT instructions", system=True),
+        _Row(12, "mtrr", "Memory type range registers", system=True),
+        _Row(13, "pge", "Global pages (CR4.PGE)", system=True),
+        _Row(14, "mca", "Machine-check architecture", system=True),
         _Row(15, "cmov", "CMOVcc (and FCMOVcc/FCOMI with x87)", "fxsr"),
-        _Row(16, "pat", "Page attribute table"),
-        _Row(17, "pse36", "36-bit page size extension", "pse", aliases="pse_36"),
-        _Row(18, "pn", "Processor serial number", aliases="psn"),
+        _Row(16, "pat", "Page attribute table", system=True),
+        _Row(17, "pse36", "36-bit page size extension", "pse", aliases="pse_36", system=True),
+        _Row(18, "pn", "Processor serial number", aliases="psn", system=True),
         _Row(19, "clflush", "CLFLUSH instruction", aliases="clfsh"),
-        _Row(21, "ds", "Debug store", cpuinfo="dts", aliases="dts"),
-        _Row(22, "acpi", "Thermal monitor and clock-control MSRs"),
+        _Row(21, "ds", "Debug store", cpuinfo="dts", aliases="dts", system=True),
+        _Row(22, "acpi", "Thermal monitor and clock-control MSRs", system=True),
         _Row(23, "mmx", "MMX instructions (aliased on the x87 registers)", "fpu fxsr"),
         _Row(24, "fxsr", "FXSAVE/FXRSTOR, CR4.OSFXSR", "fpu"),
         _Row(25, "sse", "SSE: XMM registers and instructions", "fxsr"),
         _Row(26, "sse2", "SSE2 instructions", "sse"),
-        _Row(27, "ss", "Self snoop"),
-        _Row(28, "ht", "Multi-threading / core topology fields valid (HTT)", aliases="htt"),
-        _Row(29, "tm", "Thermal monitor 1", aliases="tm1"),
-        _Row(31, "pbe", "Pending break enable"),
+        _Row(27, "ss", "Self snoop", system=True),
+        _Row(
+            28,
+            "ht",
+            "Multi-threading / core topology fields valid (HTT)",
+            aliases="htt",
+            system=True,
+        ),
+        _Row(29, "tm", "Thermal monitor 1", aliases="tm1", system=True),
+        _Row(31, "pbe", "Pending break enable", system=True),
     ),
 )
 
@@ -183,35 +193,42 @@ _LEAF1_ECX = _table(
     (
         _Row(0, "sse3", "SSE3 instructions", "sse2", cpuinfo="pni", aliases="pni"),
         _Row(1, "pclmulqdq", "PCLMULQDQ carry-less multiply", "sse2", aliases="pclmul"),
-        _Row(2, "dtes64", "64-bit debug store area"),
-        _Row(3, "monitor", "MONITOR/MWAIT instructions", aliases="mwait"),
-        _Row(4, "ds_cpl", "CPL-qualified debug store"),
-        _Row(5, "vmx", "Virtual machine extensions (VT-x)"),
-        _Row(6, "smx", "Safer mode extensions (TXT)"),
-        _Row(7, "est", "Enhanced SpeedStep", aliases="eist"),
-        _Row(8, "tm2", "Thermal monitor 2"),
+        _Row(2, "dtes64", "64-bit debug store area", system=True),
+        _Row(3, "monitor", "MONITOR/MWAIT instructions", aliases="mwait", system=True),
+        _Row(4, "ds_cpl", "CPL-qualified debug store", system=True),
+        _Row(5, "vmx", "Virtual machine extensions (VT-x)", system=True),
+        _Row(6, "smx", "Safer mode extensions (TXT)", system=True),
+        _Row(7, "est", "Enhanced SpeedStep", aliases="eist", system=True),
+        _Row(8, "tm2", "Thermal monitor 2", system=True),
         _Row(9, "ssse3", "Supplemental SSE3 instructions", "sse3"),
-        _Row(10, "cid", "L1 context ID", aliases="cnxt_id"),
-        _Row(11, "sdbg", "Silicon debug interface MSR"),
+        _Row(10, "cid", "L1 context ID", aliases="cnxt_id", system=True),
+        _Row(11, "sdbg", "Silicon debug interface MSR", system=True),
         _Row(12, "fma", "FMA3 fused multiply-add (VEX)", "avx"),
         _Row(13, "cx16", "CMPXCHG16B instruction", aliases="cmpxchg16b"),
-        _Row(14, "xtpr", "xTPR update control"),
-        _Row(15, "pdcm", "Perfmon and debug capability MSR"),
-        _Row(17, "pcid", "Process-context identifiers"),
-        _Row(18, "dca", "Direct cache access"),
+        _Row(14, "xtpr", "xTPR update control", system=True),
+        _Row(15, "pdcm", "Perfmon and debug capability MSR", system=True),
+        _Row(17, "pcid", "Process-context identifiers", system=True),
+        _Row(18, "dca", "Direct cache access", system=True),
         _Row(19, "sse4_1", "SSE4.1 instructions", "ssse3", aliases="sse4.1 sse41"),
         _Row(20, "sse4_2", "SSE4.2 instructions", "sse4_1", aliases="sse4.2 sse42"),
-        _Row(21, "x2apic", "x2APIC mode", "apic"),
+        _Row(21, "x2apic", "x2APIC mode", "apic", system=True),
         _Row(22, "movbe", "MOVBE instruction"),
         _Row(23, "popcnt", "POPCNT instruction"),
-        _Row(24, "tsc_deadline_timer", "TSC-deadline timer", "apic tsc", aliases="tsc_deadline"),
+        _Row(
+            24,
+            "tsc_deadline_timer",
+            "TSC-deadline timer",
+            "apic tsc",
+            aliases="tsc_deadline",
+            system=True,
+        ),
         _Row(25, "aes", "AES-NI instructions", "sse2", aliases="aesni"),
         _Row(26, "xsave", "XSAVE/XRSTOR/XSETBV/XGETBV", "fxsr"),
         _Row(27, "osxsave", "OS enabled XSAVE (CR4.OSXSAVE)", "xsave", _HIDDEN, os_managed=True),
         _Row(28, "avx", "AVX: YMM registers and VEX vector instructions", "xsave osxsave sse"),
         _Row(29, "f16c", "Half-precision conversion (VEX)", "avx"),
         _Row(30, "rdrand", "RDRAND instruction", aliases="rdrnd"),
-        _Row(31, "hypervisor", "Running under a hypervisor (by convention)"),
+        _Row(31, "hypervisor", "Running under a hypervisor (by convention)", system=True),
     ),
 )
 
@@ -252,30 +269,40 @@ _LEAF7_EBX = _table(
     "ebx",
     (
         _Row(0, "fsgsbase", "RDFSBASE/RDGSBASE/WRFSBASE/WRGSBASE"),
-        _Row(1, "tsc_adjust", "IA32_TSC_ADJUST MSR", "tsc"),
-        _Row(2, "sgx", "Software Guard Extensions"),
+        _Row(1, "tsc_adjust", "IA32_TSC_ADJUST MSR", "tsc", system=True),
+        _Row(2, "sgx", "Software Guard Extensions", system=True),
         _Row(3, "bmi1", "Bit manipulation set 1 (VEX, GPR only)", aliases="bmi"),
         _Row(4, "hle", "Hardware lock elision (TSX)"),
         _Row(5, "avx2", "AVX2 instructions", "avx"),
-        _Row(6, "fdp_excptn_only", "x87 FDP updated only on exceptions", cpuinfo=_HIDDEN),
-        _Row(7, "smep", "Supervisor-mode execution prevention"),
+        _Row(
+            6, "fdp_excptn_only", "x87 FDP updated only on exceptions", cpuinfo=_HIDDEN, system=True
+        ),
+        _Row(7, "smep", "Supervisor-mode execution prevention", system=True),
         _Row(8, "bmi2", "Bit manipulation set 2 (VEX, GPR only)"),
         _Row(9, "erms", "Enhanced REP MOVSB/STOSB"),
-        _Row(10, "invpcid", "INVPCID instruction"),
+        _Row(10, "invpcid", "INVPCID instruction", system=True),
         _Row(11, "rtm", "Restricted transactional memory (TSX)"),
-        _Row(12, "cqm", "Resource Director Technology monitoring", aliases="rdt_m pqm"),
-        _Row(13, "zero_fcs_fds", "x87 FCS/FDS deprecated, stored as zero", cpuinfo=_HIDDEN),
+        _Row(
+            12, "cqm", "Resource Director Technology monitoring", aliases="rdt_m pqm", system=True
+        ),
+        _Row(
+            13,
+            "zero_fcs_fds",
+            "x87 FCS/FDS deprecated, stored as zero",
+            cpuinfo=_HIDDEN,
+            system=True,
+        ),
         _Row(14, "mpx", "Memory protection extensions", "xsave osxsave"),
-        _Row(15, "rdt_a", "Resource Director Technology allocation", aliases="pqe"),
+        _Row(15, "rdt_a", "Resource Director Technology allocation", aliases="pqe", system=True),
         _Row(16, "avx512f", "AVX-512 Foundation", "avx avx2"),
         _Row(17, "avx512dq", "AVX-512 doubleword and quadword", "avx512f"),
         _Row(18, "rdseed", "RDSEED instruction"),
         _Row(19, "adx", "ADCX/ADOX instructions"),
-        _Row(20, "smap", "Supervisor-mode access prevention"),
+        _Row(20, "smap", "Supervisor-mode access prevention", system=True),
         _Row(21, "avx512ifma", "AVX-512 integer FMA", "avx512f", aliases="avx512_ifma"),
         _Row(23, "clflushopt", "CLFLUSHOPT instruction"),
         _Row(24, "clwb", "CLWB instruction"),
-        _Row(25, "intel_pt", "Intel Processor Trace"),
+        _Row(25, "intel_pt", "Intel Processor Trace", system=True),
         _Row(26, "avx512pf", "AVX-512 prefetch (Xeon Phi)", "avx512f"),
         _Row(27, "avx512er", "AVX-512 exponential and reciprocal (Xeon Phi)", "avx512f"),
         _Row(28, "avx512cd", "AVX-512 conflict detection", "avx512f"),
@@ -305,7 +332,7 @@ _LEAF7_ECX = _table(
     (
         _Row(0, "prefetchwt1", "PREFETCHWT1 instruction (Xeon Phi)", cpuinfo=_HIDDEN),
         _Row(1, "avx512vbmi", "AVX-512 VBMI", "avx512bw", aliases="avx512_vbmi"),
-        _Row(2, "umip", "User-mode instruction prevention"),
+        _Row(2, "umip", "User-mode instruction prevention", system=True),
         _Row(3, "pku", "Protection keys for user pages", "xsave"),
         _Row(4, "ospke", "OS has enabled protection keys (CR4.PKE)", "pku", os_managed=True),
         _Row(5, "waitpkg", "UMONITOR/UMWAIT/TPAUSE"),
@@ -316,18 +343,18 @@ _LEAF7_ECX = _table(
         _Row(10, "vpclmulqdq", "Vector carry-less multiply (VEX.256/EVEX)", "pclmulqdq avx2"),
         _Row(11, "avx512_vnni", "AVX-512 VNNI", "avx512f avx512vl", aliases="avx512vnni"),
         _Row(12, "avx512_bitalg", "AVX-512 BITALG", "avx512bw avx512vl", aliases="avx512bitalg"),
-        _Row(13, "tme", "Total memory encryption"),
+        _Row(13, "tme", "Total memory encryption", system=True),
         _Row(14, "avx512_vpopcntdq", "AVX-512 VPOPCNTD/Q", "avx512f", aliases="avx512vpopcntdq"),
-        _Row(16, "la57", "5-level paging"),
+        _Row(16, "la57", "5-level paging", system=True),
         _Row(22, "rdpid", "RDPID instruction"),
         _Row(23, "kl", "Key Locker", cpuinfo=_HIDDEN, aliases="keylocker"),
-        _Row(24, "bus_lock_detect", "Bus-lock debug exception"),
+        _Row(24, "bus_lock_detect", "Bus-lock debug exception", system=True),
         _Row(25, "cldemote", "CLDEMOTE instruction"),
         _Row(27, "movdiri", "MOVDIRI instruction"),
         _Row(28, "movdir64b", "MOVDIR64B instruction"),
         _Row(29, "enqcmd", "ENQCMD/ENQCMDS instructions", "xsaves"),
-        _Row(30, "sgx_lc", "SGX launch configuration", "sgx"),
-        _Row(31, "pks", "Protection keys for supervisor pages", cpuinfo=_HIDDEN),
+        _Row(30, "sgx_lc", "SGX launch configuration", "sgx", system=True),
+        _Row(31, "pks", "Protection keys for supervisor pages", cpuinfo=_HIDDEN, system=True),
     ),
 )
 
@@ -350,7 +377,7 @@ _LEAF7_EDX = _table(
     0,
     "edx",
     (
-        _Row(1, "sgx_keys", "SGX attestation services", "sgx", _HIDDEN),
+        _Row(1, "sgx_keys", "SGX attestation services", "sgx", _HIDDEN, system=True),
         _Row(2, "avx512_4vnniw", "AVX-512 4VNNIW (Xeon Phi)", "avx512f", aliases="avx5124vnniw"),
         _Row(3, "avx512_4fmaps", "AVX-512 4FMAPS (Xeon Phi)", "avx512f", aliases="avx5124fmaps"),
         _Row(4, "fsrm", "Fast short REP MOVSB"),
@@ -362,26 +389,47 @@ _LEAF7_EDX = _table(
             "avx512f avx512vl",
             aliases="avx512vp2intersect",
         ),
-        _Row(9, "srbds_ctrl", "SRBDS mitigation control MSR", cpuinfo=_HIDDEN),
-        _Row(10, "md_clear", "VERW clears CPU buffers"),
-        _Row(11, "rtm_always_abort", "RTM transactions always abort", cpuinfo=_HIDDEN),
-        _Row(13, "tsx_force_abort", "TSX_FORCE_ABORT MSR", cpuinfo=_HIDDEN),
+        _Row(9, "srbds_ctrl", "SRBDS mitigation control MSR", cpuinfo=_HIDDEN, system=True),
+        _Row(10, "md_clear", "VERW clears CPU buffers", system=True),
+        _Row(11, "rtm_always_abort", "RTM transactions always abort", cpuinfo=_HIDDEN, system=True),
+        _Row(13, "tsx_force_abort", "TSX_FORCE_ABORT MSR", cpuinfo=_HIDDEN, system=True),
         _Row(14, "serialize", "SERIALIZE instruction"),
-        _Row(15, "hybrid_cpu", "Hybrid (mixed core types)", cpuinfo=_HIDDEN, aliases="hybrid"),
+        _Row(
+            15,
+            "hybrid_cpu",
+            "Hybrid (mixed core types)",
+            cpuinfo=_HIDDEN,
+            aliases="hybrid",
+            system=True,
+        ),
         _Row(16, "tsxldtrk", "TSX suspend load-address tracking", "rtm"),
-        _Row(18, "pconfig", "PCONFIG instruction"),
-        _Row(19, "arch_lbr", "Architectural last-branch records"),
+        _Row(18, "pconfig", "PCONFIG instruction", system=True),
+        _Row(19, "arch_lbr", "Architectural last-branch records", system=True),
         _Row(20, "ibt", "CET indirect-branch tracking", aliases="cet_ibt"),
         _Row(22, "amx_bf16", "AMX bfloat16 tile multiply", "amx_tile"),
         _Row(23, "avx512_fp16", "AVX-512 FP16", "avx512bw", aliases="avx512fp16"),
         _Row(24, "amx_tile", "AMX tile architecture", "osxsave xfd"),
         _Row(25, "amx_int8", "AMX 8-bit integer tile multiply", "amx_tile"),
-        _Row(26, "spec_ctrl", "IBRS and IBPB", cpuinfo=_HIDDEN, aliases="ibrs_ibpb"),
-        _Row(27, "intel_stibp", "Single-thread indirect branch predictors", "spec_ctrl", _HIDDEN),
-        _Row(28, "flush_l1d", "L1D flush command MSR", aliases="l1d_flush"),
-        _Row(29, "arch_capabilities", "IA32_ARCH_CAPABILITIES MSR"),
-        _Row(30, "core_capabilities", "IA32_CORE_CAPABILITIES MSR", cpuinfo=_HIDDEN),
-        _Row(31, "spec_ctrl_ssbd", "Speculative store bypass disable", "spec_ctrl", _HIDDEN),
+        _Row(26, "spec_ctrl", "IBRS and IBPB", cpuinfo=_HIDDEN, aliases="ibrs_ibpb", system=True),
+        _Row(
+            27,
+            "intel_stibp",
+            "Single-thread indirect branch predictors",
+            "spec_ctrl",
+            _HIDDEN,
+            system=True,
+        ),
+        _Row(28, "flush_l1d", "L1D flush command MSR", aliases="l1d_flush", system=True),
+        _Row(29, "arch_capabilities", "IA32_ARCH_CAPABILITIES MSR", system=True),
+        _Row(30, "core_capabilities", "IA32_CORE_CAPABILITIES MSR", cpuinfo=_HIDDEN, system=True),
+        _Row(
+            31,
+            "spec_ctrl_ssbd",
+            "Speculative store bypass disable",
+            "spec_ctrl",
+            _HIDDEN,
+            system=True,
+        ),
     ),
 )
 
@@ -519,30 +567,30 @@ _LEAF_E1_ECX = _table(
     "ecx",
     (
         _Row(0, "lahf_lm", "LAHF/SAHF in 64-bit mode", aliases="lahf lahf_sahf sahf"),
-        _Row(1, "cmp_legacy", "Core multi-processing legacy mode"),
-        _Row(2, "svm", "Secure virtual machine (AMD-V)"),
-        _Row(3, "extapic", "Extended APIC register space"),
-        _Row(4, "cr8_legacy", "CR8 access in 32-bit mode", aliases="altmovcr8"),
+        _Row(1, "cmp_legacy", "Core multi-processing legacy mode", system=True),
+        _Row(2, "svm", "Secure virtual machine (AMD-V)", system=True),
+        _Row(3, "extapic", "Extended APIC register space", system=True),
+        _Row(4, "cr8_legacy", "CR8 access in 32-bit mode", aliases="altmovcr8", system=True),
         _Row(5, "lzcnt", "LZCNT instruction", cpuinfo="abm", aliases="abm"),
         _Row(6, "sse4a", "SSE4a instructions", "sse3"),
         _Row(7, "misalignsse", "Misaligned SSE mode", "sse"),
         _Row(8, "3dnowprefetch", "PREFETCH/PREFETCHW instructions", aliases="prefetchw prfchw"),
-        _Row(9, "osvw", "OS-visible workarounds"),
-        _Row(10, "ibs", "Instruction-based sampling"),
+        _Row(9, "osvw", "OS-visible workarounds", system=True),
+        _Row(10, "ibs", "Instruction-based sampling", system=True),
         _Row(11, "xop", "XOP instructions", "avx"),
-        _Row(12, "skinit", "SKINIT/STGI instructions"),
-        _Row(13, "wdt", "Watchdog timer"),
+        _Row(12, "skinit", "SKINIT/STGI instructions", system=True),
+        _Row(13, "wdt", "Watchdog timer", system=True),
         _Row(15, "lwp", "Lightweight profiling", "xsave osxsave"),
         _Row(16, "fma4", "FMA4 four-operand fused multiply-add", "avx"),
-        _Row(17, "tce", "Translation cache extension"),
-        _Row(19, "nodeid_msr", "Node ID MSR"),
+        _Row(17, "tce", "Translation cache extension", system=True),
+        _Row(19, "nodeid_msr", "Node ID MSR", system=True),
         _Row(21, "tbm", "Trailing bit manipulation"),
-        _Row(22, "topoext", "Topology extension leaves"),
-        _Row(23, "perfctr_core", "Core performance counter extensions"),
-        _Row(24, "perfctr_nb", "Northbridge performance counter extensions"),
-        _Row(26, "bpext", "Data breakpoint extension", aliases="dbext"),
-        _Row(27, "ptsc", "Performance time-stamp counter"),
-        _Row(28, "perfctr_llc", "Last-level-cache performance counter extensions"),
+        _Row(22, "topoext", "Topology extension leaves", system=True),
+        _Row(23, "perfctr_core", "Core performance counter extensions", system=True),
+        _Row(24, "perfctr_nb", "Northbridge performance counter extensions", system=True),
+        _Row(26, "bpext", "Data breakpoint extension", aliases="dbext", system=True),
+        _Row(27, "ptsc", "Performance time-stamp counter", system=True),
+        _Row(28, "perfctr_llc", "Last-level-cache performance counter extensions", system=True),
         _Row(29, "mwaitx", "MONITORX/MWAITX instructions", aliases="monitorx"),
     ),
 )
@@ -561,7 +609,7 @@ _LEAF_E1_EDX = _table(
         _Row(20, "nx", "No-execute page protection", "pae", aliases="xd"),
         _Row(22, "mmxext", "AMD MMX extensions", "mmx"),
         _Row(25, "fxsr_opt", "Fast FXSAVE/FXRSTOR", "fxsr", aliases="ffxsr"),
-        _Row(26, "pdpe1gb", "1 GiB pages", aliases="gbpages page1gb"),
+        _Row(26, "pdpe1gb", "1 GiB pages", aliases="gbpages page1gb", system=True),
         _Row(27, "rdtscp", "RDTSCP instruction", "tsc"),
         _Row(29, "lm", "Long mode (x86-64)", "pae"),
         _Row(30, "3dnowext", "AMD 3DNow! extensions", "3dnow"),
@@ -604,6 +652,8 @@ FEATURES: tuple[CpuidFeature, ...] = (
     *_LEAF_E1_EDX,
     *_LEAF_E8_EBX,
 )
+
+SYSTEM_FEATURES: frozenset[str] = frozenset(f.name for f in FEATURES if f.system)
 
 # AMD processors repeat these leaf-1 EDX bits at the same positions of CPUID 80000001H EDX
 # (AMD APM vol. 3, Fn8000_0001_EDX; Xen's common_1d set). Intel leaves them zero. A view
@@ -661,13 +711,14 @@ def _cumulative(*steps: str) -> tuple[tuple[str, ...], ...]:
     return tuple(levels)
 
 
-_LEVEL_NAMES = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
+# The x86-64 psABI micro-architecture levels, lowest first.
+LEVEL_NAMES = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 
 # x86-64 psABI micro-architecture levels, cumulative. The psABI baseline also lists
 # OSFXSR, an OS setting with no CPUID bit; SCE is SYSCALL. v3 lists OSXSAVE.
 PSABI_LEVELS: Mapping[str, tuple[str, ...]] = dict(
     zip(
-        _LEVEL_NAMES,
+        LEVEL_NAMES,
         _cumulative(
             "cmov cx8 fpu fxsr mmx syscall sse sse2",
             "cx16 lahf_lm popcnt sse3 sse4_1 sse4_2 ssse3",
@@ -681,7 +732,7 @@ PSABI_LEVELS: Mapping[str, tuple[str, ...]] = dict(
 # and without OSXSAVE (glibc folds OSXSAVE into "AVX usable", as `avx` requires here).
 GLIBC_ISA_LEVELS: Mapping[str, tuple[str, ...]] = dict(
     zip(
-        _LEVEL_NAMES,
+        LEVEL_NAMES,
         _cumulative(
             "cmov cx8 fpu fxsr mmx sse sse2",
             "cx16 lahf_lm popcnt sse3 sse4_1 sse4_2 ssse3",
@@ -718,19 +769,6 @@ def _build_dependents_of() -> dict[str, tuple[str, ...]]:
 _DEPENDENTS_OF: Mapping[str, tuple[str, ...]] = _build_dependents_of()
 
 
-def _build_by_leaf() -> dict[tuple[int, int], tuple[CpuidFeature, ...]]:
-    grouped: dict[tuple[int, int], list[CpuidFeature]] = {}
-    for f in FEATURES:
-        grouped.setdefault((f.leaf, f.subleaf), []).append(f)
-    return {
-        key: tuple(sorted(fs, key=lambda f: (REGISTERS.index(f.register), f.bit)))
-        for key, fs in grouped.items()
-    }
-
-
-_BY_LEAF: Mapping[tuple[int, int], tuple[CpuidFeature, ...]] = _build_by_leaf()
-
-
 # -- lookups ------------------------------------------------------------------------------
 
 
@@ -758,13 +796,9 @@ def canonical(name: str) -> str:
     return feature(name).name
 
 
-def features_in(leaf: int, subleaf: int) -> tuple[CpuidFeature, ...]:
-    """Features whose bit lives in (leaf, subleaf), by register then bit.
-
-    Only primary locations: AMD's 80000001H EDX mirrors of leaf-1 bits are reported by
-    `locations_in`.
-    """
-    return _BY_LEAF.get((leaf, subleaf), ())
+def present_in(table: CpuidTable) -> frozenset[str]:
+    """The features whose bit is set in `table` (at their own location, not AMD's mirror)."""
+    return frozenset(f.name for f in FEATURES if table.has_bit(*f.location))
 
 
 def locations(name: str) -> tuple[Location, ...]:
@@ -774,14 +808,6 @@ def locations(name: str) -> tuple[Location, ...]:
     if mirror is None:
         return (f.location,)
     return (f.location, (0x80000001, 0, "edx", mirror))
-
-
-def locations_in(leaf: int, subleaf: int) -> tuple[tuple[str, Register, int], ...]:
-    """(feature, register, bit) for every bit of (leaf, subleaf), mirrors included."""
-    found = [(f.name, f.register, f.bit) for f in features_in(leaf, subleaf)]
-    if (leaf, subleaf) == (0x80000001, 0):
-        found.extend((name, "edx", bit) for name, bit in AMD_E1_EDX_MIRRORS.items())
-    return tuple(sorted(found, key=lambda item: (REGISTERS.index(item[1]), item[2])))
 
 
 # -- the dependency graph -----------------------------------------------------------------
@@ -812,6 +838,24 @@ def dependents(hidden: Iterable[str]) -> frozenset[str]:
 def prerequisites(names: Iterable[str]) -> frozenset[str]:
     """Every feature `names` transitively require, `names` included (canonical names)."""
     return _closure(frozenset(canonical(n) for n in names), False)
+
+
+# What a running 64-bit Linux program already depends on to be executing at all, so no
+# view may hide it, whatever a mask, a level or a profile leaves out: long mode, SYSCALL
+# (every 64-bit system call), and what an x86-64 kernel refuses to boot without
+# (arch/x86/include/asm/required-features.h, CONFIG_X86_64: FPU, MSR, PAE, CX8, FXSR,
+# CMOV, XMM, XMM2, LM; PSE and PGE only when not paravirtualized, so left out), with all
+# they require. SSE2 is also the psABI baseline every x86-64 program is compiled for.
+RUNNING_64BIT: frozenset[str] = prerequisites(
+    ["lm", "syscall", "fpu", "msr", "pae", "cx8", "fxsr", "cmov", "sse", "sse2"]
+)
+
+
+def hideable(names: Iterable[str]) -> frozenset[str]:
+    """`names` (canonical) without what a running 64-bit program depends on: the roots a
+    view may hide. Take `dependents` of the result, never the other way round, or a
+    feature that needs a kept one (NX on PAE) would be hidden with it."""
+    return frozenset(canonical(n) for n in names) - RUNNING_64BIT
 
 
 def register_masks(names: Iterable[str]) -> dict[tuple[int, int, Register], int]:
@@ -977,95 +1021,3 @@ if __name__ == "__main__":
     print(f"  {len(FEATURES)} features, {len(BY_NAME)} names, {len(LEAF_OWNERS)} owned leaves")
     if found:
         raise SystemExit(1)
-
-
-# Bits that describe platform, virtualization or supervisor facilities rather than
-# instructions a user program runs: a profile may claim them on a host that lacks them
-# without the program dying of SIGILL (SDM vol. 2A CPUID tables, by what each bit enables).
-SYSTEM_FEATURES: frozenset[str] = frozenset(
-    [
-        "vme",
-        "de",
-        "pse",
-        "msr",
-        "pae",
-        "mce",
-        "apic",
-        "sep",
-        "mtrr",
-        "pge",
-        "mca",
-        "pat",
-        "pse36",
-        "pn",
-        "ds",
-        "acpi",
-        "ss",
-        "ht",
-        "tm",
-        "pbe",
-        "dtes64",
-        "monitor",
-        "ds_cpl",
-        "vmx",
-        "smx",
-        "est",
-        "tm2",
-        "cid",
-        "sdbg",
-        "xtpr",
-        "pdcm",
-        "pcid",
-        "dca",
-        "x2apic",
-        "tsc_deadline_timer",
-        "hypervisor",
-        "tsc_adjust",
-        "sgx",
-        "fdp_excptn_only",
-        "smep",
-        "invpcid",
-        "cqm",
-        "zero_fcs_fds",
-        "rdt_a",
-        "smap",
-        "intel_pt",
-        "umip",
-        "la57",
-        "tme",
-        "bus_lock_detect",
-        "sgx_lc",
-        "pks",
-        "sgx_keys",
-        "srbds_ctrl",
-        "md_clear",
-        "rtm_always_abort",
-        "tsx_force_abort",
-        "hybrid_cpu",
-        "pconfig",
-        "arch_lbr",
-        "spec_ctrl",
-        "intel_stibp",
-        "flush_l1d",
-        "arch_capabilities",
-        "core_capabilities",
-        "spec_ctrl_ssbd",
-        "cmp_legacy",
-        "svm",
-        "extapic",
-        "cr8_legacy",
-        "osvw",
-        "ibs",
-        "skinit",
-        "wdt",
-        "tce",
-        "nodeid_msr",
-        "topoext",
-        "perfctr_core",
-        "perfctr_nb",
-        "bpext",
-        "ptsc",
-        "perfctr_llc",
-        "pdpe1gb",
-    ]
-)

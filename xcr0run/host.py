@@ -11,7 +11,8 @@ import stat
 from dataclasses import dataclass
 
 from xcr0run import _native
-from xcr0run.cpuid import CpuidTable, read_table
+from xcr0run.cpuid import XSAVE_LEAF, CpuidTable, read_table
+from xcr0run.plan import PATCH_XCR0_BITS
 
 XCR0_PRCTL_ENV = "XCR0RUN_XCR0_PRCTL"
 
@@ -21,7 +22,7 @@ def xcr0() -> int:
 
 
 def xgetbv1_supported() -> bool:
-    return bool(_native.cpuid(0xD, 1)[0] & 0b100)
+    return bool(_native.cpuid(XSAVE_LEAF, 1)[0] & 0b100)
 
 
 def xinuse() -> int | None:
@@ -119,10 +120,6 @@ class Xcr0Prctl:
     detail: str
 
 
-# The 2020 patch refuses components from bit 10 up (no AMX).
-_PATCH_MAX_BITS = 0x3FF
-
-
 # Codes mainline Linux assigns (asm/prctl.h): never ARCH_SET_XCR0, and some of them
 # (ARCH_SET_FS, ...) would wreck the probing process. 0x1021 is ARCH_GET_XCOMP_SUPP too,
 # but it is the 2020 patch's own code and its probe value can never be a mapped address.
@@ -151,7 +148,7 @@ def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
     if code in _MAINLINE_CODES:
         name = _MAINLINE_CODES[code]
         return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
-    value = current & _PATCH_MAX_BITS
+    value = current & PATCH_XCR0_BITS
     if _native.address_mapped(value):
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
     if value == current and code == _native.ARCH_SET_XCR0_PATCH_CODE:

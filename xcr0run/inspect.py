@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from xcr0run import features, host, xsave
-from xcr0run.cpuid import CpuidTable
+from xcr0run import cpuid, features, host, xsave
+from xcr0run.cpuid import XSAVE_LEAF, CpuidTable
 from xcr0run.errors import UnsupportedError, Xcr0runError
 from xcr0run.masks import format_mask
 from xcr0run.plan import Capabilities, Method, Plan, ViewSpec, make_plan
@@ -24,7 +24,6 @@ if TYPE_CHECKING:
 # The legacy region of every XSAVE area (SDM vol. 1, 13.4.1): x87 and SSE state live at
 # fixed places in its first 512 bytes; CPUID leaf 0xD does not report them.
 _LEGACY = {0: (0, 160), 1: (160, 256)}
-_XSAVE_LEAF = 0xD
 
 
 @dataclass(frozen=True)
@@ -85,7 +84,7 @@ class ShowReport:
             },
             "cpuid_faulting": {
                 "supported": self.caps.faulting,
-                "enabled": self.caps.faulting and "already faults" in self.caps.faulting_detail,
+                "enabled": self.caps.faulting_enabled,
                 "detail": self.caps.faulting_detail,
             },
             "arch_set_xcr0": {
@@ -111,23 +110,25 @@ def capabilities(xcr0_prctl_code: int) -> Capabilities:
         set_xcr0=probe.available,
         set_xcr0_detail=probe.detail,
         amx_supported=bool((xcomp.supported or 0) & xsave.NAMES["tiledata"]),
+        faulting_enabled=faulting.enabled_here,
     )
 
 
 def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[ComponentRow]:
-    eax0, _, _, edx0 = table[(_XSAVE_LEAF, 0)]
-    _, _, ecx1, edx1 = table[(_XSAVE_LEAF, 1)]
+    eax0, _, _, edx0 = table[(XSAVE_LEAF, 0)]
+    _, _, ecx1, edx1 = table[(XSAVE_LEAF, 1)]
     user_supported = eax0 | edx0 << 32
     supervisor_supported = ecx1 | edx1 << 32
     rows = []
     for c in xsave.COMPONENTS:
         user = c.scope is xsave.Scope.USER
         supported = bool((user_supported if user else supervisor_supported) & c.bit)
+        offset: int | None
         if c.number in _LEGACY:
             offset, size = _LEGACY[c.number]
             align, xfd = False, False
         else:
-            size, offset_, ecx, _ = table[(_XSAVE_LEAF, c.number)]
+            size, offset_, ecx, _ = table[(XSAVE_LEAF, c.number)]
             offset = offset_ if user else None
             align, xfd = bool(ecx & 0b10), bool(ecx & 0b100)
         rows.append(
@@ -148,20 +149,10 @@ def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[Com
     return rows
 
 
-def _brand(table: CpuidTable) -> tuple[str, str]:
-    _, b, c, d = table[(0, 0)]
-    vendor = b"".join(r.to_bytes(4, "little") for r in (b, d, c)).decode(errors="replace")
-    raw = b"".join(
-        r.to_bytes(4, "little") for leaf in range(0x80000002, 0x80000005) for r in table[(leaf, 0)]
-    )
-    return vendor, raw.split(b"\0", 1)[0].decode(errors="replace").strip()
-
-
 def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowReport:
     xinuse = host.xinuse()
-    _, ebx0, ecx0, _ = table[(_XSAVE_LEAF, 0)]
-    _, ebx1, _, _ = table[(_XSAVE_LEAF, 1)]
-    vendor, brand = _brand(table)
+    _, ebx0, ecx0, _ = table[(XSAVE_LEAF, 0)]
+    _, ebx1, _, _ = table[(XSAVE_LEAF, 1)]
     return ShowReport(
         xcr0=caps.xcr0,
         xinuse=xinuse,
@@ -173,8 +164,8 @@ def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowR
         caps=caps,
         xcr0_prctl_code=xcr0_prctl_code,
         psabi_level=psabi_level(table, caps.xcr0),
-        vendor=vendor,
-        brand=brand,
+        vendor=cpuid.vendor(table),
+        brand=cpuid.brand(table),
     )
 
 
@@ -211,7 +202,7 @@ def describe_plan(
 
         limits = [LIMITS]
     return {
-        "mask": spec.label,
+        "view": spec.label,
         "xcr0": f"{plan.mask:#x}",
         "xcr0_decoded": [c.name for c in xsave.components(plan.mask)],
         "mechanism": plan.mechanism,
@@ -258,9 +249,8 @@ def load_profile(name: str) -> CpuidProfile:
     from xcr0run import profiles
 
     if name in LEVELS:
-        needed = set(features.PSABI_LEVELS[name]) | {"lm", "nx"}
-        if "osxsave" in needed:
-            needed.add("xsave")
+        # The psABI's list, long mode and NX, and all they need (OSXSAVE needs XSAVE).
+        needed = features.prerequisites([*features.PSABI_LEVELS[name], "lm", "nx"])
         table = profiles.table_from_features(sorted(needed))
         source = f"the x86-64 psABI's list for {name}"
         return profiles.CpuidProfile(name, table, level_restriction(name)[0], source)
@@ -290,8 +280,7 @@ def dump_cpuid() -> dict[str, Any]:
     }
     from xcr0run import profiles
 
-    vendor, brand = _brand(table)
-    return profiles.dump(table, host.xcr0(), kernel, brand or vendor)
+    return profiles.dump(table, host.xcr0(), kernel, cpuid.brand(table) or cpuid.vendor(table))
 
 
 def process_report(pid: int) -> dict[str, Any]:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import struct
 
+from xcr0run.features import LEVEL_NAMES  # ISA_1 bits, lowest first: baseline, v2, v3, v4
+
 PT_INTERP = 3
 PT_NOTE = 4
 PT_GNU_PROPERTY = 0x6474E553
 NT_GNU_PROPERTY_TYPE_0 = 5
 GNU_PROPERTY_X86_ISA_1_NEEDED = 0xC0008002
-# ISA_1 bits, lowest first: baseline, v2, v3, v4.
-LEVEL_NAMES = ("x86-64-v1", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 
 
 def _segments(elf: bytes) -> list[tuple[int, int, int]]:

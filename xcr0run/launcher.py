@@ -15,7 +15,7 @@ from typing import NoReturn
 
 from xcr0run import _native, host, isalevel, seccomp
 from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
-from xcr0run.plan import Plan
+from xcr0run.plan import PATCH_XCR0_BITS, Plan
 from xcr0run.seccomp import FilterSpec
 
 
@@ -117,7 +117,7 @@ def _prepare_image(plan: Plan, xcr0_prctl: int, guard: FilterSpec) -> None:
     if plan.set_xcr0:
         # The components being disabled must be in their initial state; XFD-armed ones
         # (AMX tile data) are left out, since XRSTOR of them faults without permission.
-        to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
+        to_init = plan.view.host_xcr0 & ~plan.mask & PATCH_XCR0_BITS & ~0b11  # not x87, SSE
         result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
         if result != 0:
             raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
@@ -156,9 +156,10 @@ def exec_direct(
     raise AssertionError("execve returned")
 
 
-def _exec_error(name: str, err: int) -> CommandError:
+def _exec_error(name: str, err: int | None) -> CommandError:
     status = ExitStatus.NOT_FOUND if err == errno.ENOENT else ExitStatus.CANNOT_EXECUTE
-    return CommandError(f"failed to run command '{name}': {os.strerror(err)}", status)
+    why = os.strerror(err or errno.ENOEXEC)  # an OSError from execve always has errno
+    return CommandError(f"failed to run command '{name}': {why}", status)
 
 
 def exec_supervised(

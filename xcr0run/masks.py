@@ -16,7 +16,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from xcr0run import xsave
+from xcr0run import PROG, xsave
 from xcr0run.errors import MaskError
 
 _HEX = re.compile(r"0x[0-9a-f]+\Z")
@@ -67,7 +67,7 @@ def suggest(word: str, candidates: Iterable[str] | None = None) -> str | None:
 
 def _unknown(word: str) -> MaskError:
     hint = suggest(word)
-    tail = f", did you mean '{hint}'?" if hint else " (see 'xcr0run --help' for the mask syntax)"
+    tail = f", did you mean '{hint}'?" if hint else f" (see '{PROG} --help' for the mask syntax)"
     return MaskError(f"unknown component '{word}'{tail}")
 
 
@@ -162,6 +162,8 @@ def complete(
     for c in xsave.COMPONENTS:
         if c.scope is not xsave.Scope.USER or (host is not None and not host & c.bit):
             continue
+        if sign == "-" and c.bit & 1:
+            continue  # x87 can never be removed
         if c.name.startswith(stem) and sign + c.name not in already:
             out.append((prefix + sign + c.name, c.title))
     for group, members in xsave.GROUPS.items():

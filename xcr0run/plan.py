@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 from xcr0run.errors import UnsupportedError
 from xcr0run.view import CpuidView, level_restriction
 
-_PATCH_MAX_BITS = 0x3FF
+# The components the 2020 ARCH_SET_XCR0 patch accepts: bits 0-9, so no AMX (17-18).
+PATCH_XCR0_BITS = 0x3FF
 
 
 class Method(str, enum.Enum):
@@ -37,6 +38,7 @@ class Capabilities:
     set_xcr0: bool
     set_xcr0_detail: str
     amx_supported: bool  # the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP bit 18)
+    faulting_enabled: bool = False  # this thread's CPUID already faults (under xcr0run)
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,11 @@ def make_plan(
     if method is Method.CPUID and not caps.faulting:
         raise UnsupportedError(f"--method cpuid: no CPUID faulting ({caps.faulting_detail})")
     # The 2020 patch refuses components from bit 10 up (AMX): such masks need cpuid.
-    kernel_fits = not mask & ~_PATCH_MAX_BITS
+    kernel_fits = not mask & ~PATCH_XCR0_BITS
     if method is Method.KERNEL and not kernel_fits:
         raise UnsupportedError(
             "--method kernel: ARCH_SET_XCR0 (the 2020 patch) refuses components above bit 9 "
-            f"({', '.join(c.name for c in xsave.components(mask & ~_PATCH_MAX_BITS))})"
+            f"({', '.join(c.name for c in xsave.components(mask & ~PATCH_XCR0_BITS))})"
         )
     set_xcr0 = want_kernel and caps.set_xcr0 and kernel_fits
     trap = caps.faulting  # the kernel mechanism still wants CPUID to agree with XCR0
@@ -130,7 +132,7 @@ def make_plan(
 class ViewSpec:
     """What the user asked the program to see, before choosing a mechanism."""
 
-    label: str  # for messages: the mask, level or profile names
+    label: str  # for messages: the options as given ("--level x86-64-v2")
     mask: int
     extra_hidden: frozenset[str] = frozenset()
     added: frozenset[str] = frozenset()
@@ -152,19 +154,19 @@ def shape_view(
     hidden: frozenset[str] = frozenset()
     added: frozenset[str] = frozenset()
     identity = None
-    facts = None
+    facts: dict[str, object] | None = None
     if mask is not None:
-        labels.append(mask[0])
+        labels.append(f"--mask {mask[0]}")
         value &= mask[1]
     if level is not None:
-        labels.append(level)
+        labels.append(f"--level {level}")
         level_mask, level_hidden = level_restriction(level)
         value &= level_mask
         hidden |= level_hidden
     if profile is not None:
         from xcr0run.profiles import profile_view
 
-        labels.append(profile.name)
+        labels.append(f"--profile {profile.name}")
         pv = profile_view(profile, host_table, host_xcr0)
         if pv.missing and not force:
             raise UnsupportedError(
@@ -185,4 +187,4 @@ def shape_view(
         }
     # What is left of XCR0 must still be a valid XCR0 (sse may go, avx512 needs avx...).
     value &= ~xsave.dependents(host_xcr0 & ~value)
-    return ViewSpec(" ".join(labels) or "host", value, hidden, added, identity, facts)
+    return ViewSpec(" ".join(labels) or "--mask host", value, hidden, added, identity, facts)

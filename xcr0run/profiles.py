@@ -26,11 +26,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from xcr0run import features, xsave
-from xcr0run.cpuid import CpuidTable, Registers, key
+from xcr0run.cpuid import (
+    BRAND_LEAVES,
+    HYPERVISOR_BASE,
+    REGISTERS,
+    CpuidTable,
+    Registers,
+    brand_registers,
+    key,
+    vendor_registers,
+)
 from xcr0run.errors import Xcr0runError
 
 FORMAT = "xcr0run-cpuid/1"
-_BRAND_LEAVES = (0x80000002, 0x80000003, 0x80000004)
 _ALL = (0xFFFFFFFF,) * 4
 _NONE = (0, 0, 0, 0)
 
@@ -47,7 +55,7 @@ class CpuidProfile:
     source: str
 
     def features(self) -> frozenset[str]:
-        return present_features(self.table)
+        return features.present_in(self.table)
 
     def effective_xcr0(self) -> int:
         """The recorded XCR0, or the components the features imply."""
@@ -60,12 +68,6 @@ class CpuidProfile:
             )
             | 0b11
         )
-
-
-def present_features(table: CpuidTable) -> frozenset[str]:
-    return frozenset(
-        f.name for f in features.FEATURES if table.has_bit(f.leaf, f.subleaf, f.register, f.bit)
-    )
 
 
 # -- reading ----------------------------------------------------------------------------------
@@ -138,6 +140,8 @@ def _from_json(data: Any, name: str) -> CpuidProfile:
             )
         except KeyError as err:
             raise ProfileError(f"{name}: unknown feature {err}") from err
+        except ValueError as err:
+            raise ProfileError(f"{name}: {err}") from err
         return CpuidProfile(str(data.get("name", name)), table, xcr0, source)
     raise ProfileError(f"{name}: a profile needs 'leaves' or 'features'")
 
@@ -150,23 +154,15 @@ def table_from_features(
     for (leaf, subleaf, register), bits in features.register_masks(
         features.canonical(n) for n in names
     ).items():
-        regs.setdefault(key(leaf, subleaf), [0, 0, 0, 0])[
-            ("eax", "ebx", "ecx", "edx").index(register)
-        ] |= bits
+        regs.setdefault(key(leaf, subleaf), [0, 0, 0, 0])[REGISTERS.index(register)] |= bits
     table = CpuidTable({k: (v[0], v[1], v[2], v[3]) for k, v in regs.items()})
-    vb = vendor.encode().ljust(12, b"\0")[:12]
-    words = [int.from_bytes(vb[i : i + 4], "little") for i in (0, 4, 8)]
-    top = max((leaf for leaf, _ in table.entries if leaf < 0x40000000), default=1)
-    table.entries[(0, 0)] = (top, words[0], words[2], words[1])
+    top = max((leaf for leaf, _ in table.entries if leaf < HYPERVISOR_BASE), default=1)
+    table.entries[(0, 0)] = (top, *vendor_registers(vendor))
     one = table.entries.get((1, 0), _NONE)
     table.entries[(1, 0)] = (signature, one[1], one[2], one[3])
     if brand:
-        raw = brand.encode()[:47].ljust(48, b"\0")
-        for n, leaf in enumerate(_BRAND_LEAVES):
-            chunk = raw[n * 16 : n * 16 + 16]
-            table.entries[(leaf, 0)] = tuple(  # type: ignore[assignment]
-                int.from_bytes(chunk[i : i + 4], "little") for i in range(0, 16, 4)
-            )
+        for leaf, answer in zip(BRAND_LEAVES, brand_registers(brand)):
+            table.entries[(leaf, 0)] = answer
     return table
 
 
@@ -184,7 +180,7 @@ def common(profiles: Sequence[CpuidProfile]) -> CpuidProfile:
         first.features() - shared
     ).items():
         k = key(leaf, subleaf)
-        i = ("eax", "ebx", "ecx", "edx").index(register)
+        i = REGISTERS.index(register)
         regs = list(table.entries.get(k, _NONE))
         regs[i] &= ~bits
         table.entries[k] = (regs[0], regs[1], regs[2], regs[3])
@@ -214,12 +210,12 @@ class ProfileView:
 _IDENTITY = {
     (0, 0): (0, 0xFFFFFFFF, 0xFFFFFFFF, 0xFFFFFFFF),  # vendor (max leaf stays the host's)
     (1, 0): (0x0FFF3FFF, 0, 0, 0),  # family, model, stepping
-    **{(leaf, 0): _ALL for leaf in _BRAND_LEAVES},
+    **{(leaf, 0): _ALL for leaf in BRAND_LEAVES},
 }
 
 
 def profile_view(profile: CpuidProfile, host_table: CpuidTable, host_xcr0: int) -> ProfileView:
-    host_has = present_features(host_table)
+    host_has = features.present_in(host_table)
     theirs = profile.features()
     # Bits the OS sets (OSXSAVE, OSPKE) follow from XCR0, not from the profile.
     os_bits = {f.name for f in features.FEATURES if f.os_managed}
@@ -228,7 +224,7 @@ def profile_view(profile: CpuidProfile, host_table: CpuidTable, host_xcr0: int) 
     }
     return ProfileView(
         mask=profile.effective_xcr0() & host_xcr0,
-        hidden=frozenset(host_has - theirs - os_bits),
+        hidden=features.hideable(host_has - theirs - os_bits),
         missing=frozenset(theirs - host_has - os_bits - features.SYSTEM_FEATURES),
         identity=identity,
     )

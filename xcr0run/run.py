@@ -17,14 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from xcr0run import host, launcher
+from xcr0run import PROG, host, launcher
 from xcr0run.audit import AuditLog
 from xcr0run.errors import ExitStatus, Xcr0runError
 from xcr0run.plan import Plan
 from xcr0run.seccomp import FilterSpec
 from xcr0run.supervisor import Outcome, Supervisor, SupervisorError
-
-PROG = "xcr0run"
 
 
 @dataclass(frozen=True)

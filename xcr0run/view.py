@@ -17,27 +17,22 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from xcr0run import features, xsave
-from xcr0run.cpuid import REGISTER_NAMES, CpuidTable, Registers, key
-
-_XSAVE_LEAF = 0xD
+from xcr0run.cpuid import REGISTERS, XSAVE_LEAF, CpuidTable, Registers, key
 
 
 def hidden_features(mask: int, host_xcr0: int, extra: Iterable[str] = ()) -> frozenset[str]:
     """Every feature a program must not see when XCR0 is cut from host_xcr0 to mask."""
     lost = xsave.dependents(host_xcr0 & ~mask)
     roots = {c.feature for c in xsave.components(lost) if c.scope is xsave.Scope.USER}
-    return features.dependents(roots | set(extra))
+    return features.dependents(features.hideable(roots | set(extra)))
 
 
 def usable_features(table: CpuidTable, xcr0: int) -> frozenset[str]:
     """Features present in `table` whose state XCR0 enables (what glibc calls usable)."""
-    present = {
-        f.name for f in features.FEATURES if table.has_bit(f.leaf, f.subleaf, f.register, f.bit)
-    }
     disabled = {
         c.feature for c in xsave.COMPONENTS if c.scope is xsave.Scope.USER and not xcr0 & c.bit
     }
-    return frozenset(present - features.dependents(disabled))
+    return features.present_in(table) - features.dependents(features.hideable(disabled))
 
 
 def psabi_level(table: CpuidTable, xcr0: int, glibc: bool = False) -> str | None:
@@ -52,7 +47,7 @@ Ops = tuple[int, int, int, int, int, int, int, int]
 _KEEP: Ops = (0xFFFFFFFF,) * 4 + (0,) * 4
 
 
-LEVELS = tuple(features.PSABI_LEVELS)
+LEVELS = features.LEVEL_NAMES
 
 
 def level_restriction(level: str) -> tuple[int, frozenset[str]]:
@@ -111,19 +106,19 @@ class CpuidView:
                 op[4 + i] |= values[i] & which[i]
         for (leaf, subleaf, register), bits in features.register_masks(hidden).items():
             op = entry(key(leaf, subleaf))
-            i = REGISTER_NAMES.index(register)
+            i = REGISTERS.index(register)
             op[i] &= ~bits & 0xFFFFFFFF
             op[4 + i] &= ~bits
         for (leaf, subleaf, register), bits in features.register_masks(shown).items():
-            entry(key(leaf, subleaf))[4 + REGISTER_NAMES.index(register)] |= bits
+            entry(key(leaf, subleaf))[4 + REGISTERS.index(register)] |= bits
         if xcr0_changed:
             # XSAVE really sizes its area from the new XCR0: leaf 0xD may follow it.
-            low = entry((_XSAVE_LEAF, 0))
+            low = entry((XSAVE_LEAF, 0))
             low[0] &= mask & 0xFFFFFFFF
             low[3] &= mask >> 32 & 0xFFFFFFFF
             for c in xsave.components(host_xcr0 & ~mask):
                 if c.number >= 2:
-                    ops[(_XSAVE_LEAF, c.number)] = [0] * 8
+                    ops[(XSAVE_LEAF, c.number)] = [0] * 8
         return cls(
             mask,
             host_xcr0,
@@ -170,11 +165,8 @@ class CpuidView:
 
     def hidden_present(self, table: CpuidTable) -> list[str]:
         """Hidden features the host really has, in table order: what the mask takes away."""
-        return [
-            f.name
-            for f in features.FEATURES
-            if f.name in self.hidden and table.has_bit(f.leaf, f.subleaf, f.register, f.bit)
-        ]
+        taken = self.hidden & features.present_in(table)
+        return [f.name for f in features.FEATURES if f.name in taken]
 
     def limits(self) -> list[str]:
         """What this view cannot hide, for honest output."""
@@ -194,21 +186,17 @@ def rr_record_flags(view: CpuidView, host: CpuidTable) -> tuple[list[str], list[
     flags = []
     _, _, ecx1, edx1 = view.cleared(1, 0)
     _, ebx7, ecx7, edx7 = view.cleared(7, 0)
-    xsave_eax = view.cleared(0xD, 1)[0]
+    xsave_eax = view.cleared(XSAVE_LEAF, 1)[0]
     if ecx1 or edx1:
         flags.append(f"--disable-cpuid-features {ecx1:#x},{edx1:#x}")
     if ebx7 or ecx7 or edx7:
         flags.append(f"--disable-cpuid-features-ext {ebx7:#x},{ecx7:#x},{edx7:#x}")
     if xsave_eax:
         flags.append(f"--disable-cpuid-features-xsave {xsave_eax:#x}")
-    covered = {(1, 0), (7, 0), (0xD, 1)}
+    covered = {(1, 0), (7, 0), (XSAVE_LEAF, 1)}
     uncovered = sorted(
-        {
-            f.name
-            for f in features.FEATURES
-            if f.name in view.hidden
-            and (f.leaf, f.subleaf) not in covered
-            and host.has_bit(f.leaf, f.subleaf, f.register, f.bit)
-        }
+        name
+        for name in view.hidden & features.present_in(host)
+        if (features.feature(name).leaf, features.feature(name).subleaf) not in covered
     )
     return flags, uncovered

@@ -11,8 +11,9 @@ Pure module: no ctypes, no I/O.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Optional
 
 
 class Scope(str, enum.Enum):
@@ -115,11 +116,18 @@ def component_name(number: int) -> str:
 
 # -- architectural rules ----------------------------------------------------------------
 
+# Components XCR0 can enable only together with another (SDM vol. 1, 13.3): needer ->
+# needed. Both the "needs" rules and `dependents` come from here.
+NEEDS: dict[str, str] = {"avx": "sse", "avx512": "avx"}
+
 
 @dataclass(frozen=True)
 class Violation:
     rule: str
     message: str
+
+
+Check = Callable[[int, Optional[int]], Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -128,43 +136,46 @@ class Rule:
 
     name: str
     explanation: str
+    _check: Check = field(repr=False)
 
     def check(self, mask: int, supported: int | None) -> str | None:
-        return _CHECKS[self.name](mask, supported)
+        return self._check(mask, supported)
 
 
-def _needs(mask: int, need: int, have: int) -> bool:
-    """True when some of `need` is set but not all of `have`."""
-    return bool(mask & need) and (mask & have) != have
+def _bit_span(mask: int) -> str:
+    numbers = list(bits(mask))
+    if len(numbers) == 1:
+        return f"bit {numbers[0]}"
+    return f"bits {numbers[0]}-{numbers[-1]}"
+
+
+def _needs_rule(needer: str, needed: str) -> Rule:
+    def check(mask: int, _: int | None) -> str | None:
+        need, have = NAMES[needer], NAMES[needed]
+        broken = bool(mask & need) and (mask & have) != have
+        return f"{needer} needs {needed}" if broken else None
+
+    explanation = (
+        f"{needer} state ({_bit_span(NAMES[needer])}) needs {needed} state "
+        f"({_bit_span(NAMES[needed])})"
+    )
+    return Rule(f"{needer}-needs-{needed}", explanation, check)
+
+
+def _together_rule(group: str) -> Rule:
+    members = GROUPS[group]
+    listed = f"{', '.join(members[:-1])} and {members[-1]}"
+
+    def check(mask: int, _: int | None) -> str | None:
+        part = mask & NAMES[group]
+        return f"{listed} go together: use '{group}'" if part and part != NAMES[group] else None
+
+    explanation = f"the {group} components ({_bit_span(NAMES[group])}) are enabled together"
+    return Rule(f"{group}-together", explanation, check)
 
 
 def _check_x87(mask: int, _: int | None) -> str | None:
     return None if mask & 1 else "x87 must be set (XCR0 bit 0 can never be cleared)"
-
-
-def _check_avx_needs_sse(mask: int, _: int | None) -> str | None:
-    return "avx needs sse" if _needs(mask, NAMES["avx"], NAMES["sse"]) else None
-
-
-def _check_avx512_together(mask: int, _: int | None) -> str | None:
-    part = mask & NAMES["avx512"]
-    if part and part != NAMES["avx512"]:
-        return "opmask, zmm_hi256 and hi16_zmm go together: use 'avx512'"
-    return None
-
-
-def _check_avx512_needs_avx(mask: int, _: int | None) -> str | None:
-    return "AVX-512 needs avx" if _needs(mask, NAMES["avx512"], NAMES["avx"]) else None
-
-
-def _check_mpx_together(mask: int, _: int | None) -> str | None:
-    part = mask & NAMES["mpx"]
-    return "bndregs and bndcsr go together: use 'mpx'" if part and part != NAMES["mpx"] else None
-
-
-def _check_amx_together(mask: int, _: int | None) -> str | None:
-    part = mask & NAMES["amx"]
-    return "tilecfg and tiledata go together: use 'amx'" if part and part != NAMES["amx"] else None
 
 
 def _check_apx_excludes_mpx(mask: int, _: int | None) -> str | None:
@@ -195,30 +206,33 @@ def _check_supported(mask: int, supported: int | None) -> str | None:
     return None
 
 
-_CHECKS = {
-    "defined": _check_defined,
-    "x87-required": _check_x87,
-    "no-supervisor": _check_supervisor,
-    "avx-needs-sse": _check_avx_needs_sse,
-    "avx512-together": _check_avx512_together,
-    "avx512-needs-avx": _check_avx512_needs_avx,
-    "mpx-together": _check_mpx_together,
-    "amx-together": _check_amx_together,
-    "apx-excludes-mpx": _check_apx_excludes_mpx,
-    "supported": _check_supported,
-}
-
 RULES: tuple[Rule, ...] = (
-    Rule("defined", "every bit must name an architecturally defined state component"),
-    Rule("x87-required", "XCR0 bit 0 (x87) must always be set"),
-    Rule("no-supervisor", "supervisor components are enabled through IA32_XSS, not XCR0"),
-    Rule("avx-needs-sse", "AVX state (bit 2) needs SSE state (bit 1)"),
-    Rule("avx512-together", "the three AVX-512 components (bits 5-7) are enabled together"),
-    Rule("avx512-needs-avx", "AVX-512 state (bits 5-7) needs AVX state (bit 2)"),
-    Rule("mpx-together", "the two MPX components (bits 3-4) are enabled together"),
-    Rule("amx-together", "the two AMX components (bits 17-18) are enabled together"),
-    Rule("apx-excludes-mpx", "APX state (bit 19) reuses the MPX area: not both"),
-    Rule("supported", "a component the CPU or kernel does not support cannot be requested"),
+    Rule(
+        "defined",
+        "every bit must name an architecturally defined state component",
+        _check_defined,
+    ),
+    Rule("x87-required", "XCR0 bit 0 (x87) must always be set", _check_x87),
+    Rule(
+        "no-supervisor",
+        "supervisor components are enabled through IA32_XSS, not XCR0",
+        _check_supervisor,
+    ),
+    _needs_rule("avx", NEEDS["avx"]),
+    _together_rule("avx512"),
+    _needs_rule("avx512", NEEDS["avx512"]),
+    _together_rule("mpx"),
+    _together_rule("amx"),
+    Rule(
+        "apx-excludes-mpx",
+        "APX state (bit 19) reuses the MPX area: not both",
+        _check_apx_excludes_mpx,
+    ),
+    Rule(
+        "supported",
+        "a component the CPU or kernel does not support cannot be requested",
+        _check_supported,
+    ),
 )
 
 
@@ -235,14 +249,13 @@ def violations(mask: int, supported: int | None = None) -> list[Violation]:
 def dependents(mask: int) -> int:
     """Components that cannot stay enabled once every bit of `mask` is cleared."""
     lost = mask
-    # Iterate to a fixed point over the "needs" rules (sse -> avx -> avx512).
-    chain = ((NAMES["sse"], NAMES["avx"]), (NAMES["avx"], NAMES["avx512"]))
+    # Iterate to a fixed point over NEEDS (sse -> avx -> avx512).
     changed = True
     while changed:
         changed = False
-        for need, needer in chain:
-            if lost & need and needer & ~lost:
-                lost |= needer
+        for needer, needed in NEEDS.items():
+            if lost & NAMES[needed] and NAMES[needer] & ~lost:
+                lost |= NAMES[needer]
                 changed = True
     # A group loses all its members when one goes.
     for group in GROUPS.values():

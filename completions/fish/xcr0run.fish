@@ -35,6 +35,8 @@ function __xcr0run_complete
     # "_") has stayed the same across click versions; its fish protocol has not.
     set -l response (env _XCR0RUN_COMPLETE=zsh_complete COMP_WORDS=(commandline -cp) \
         COMP_CWORD=(count $tokens) xcr0run)
+    # "--mask=x87": click answers with the value alone, fish wants the whole token.
+    set -l prefix (string match -r -- '^--[^=]+=' $current)
     for j in (seq 1 3 (count $response))
         set -l value $response[(math $j + 1)]
         set -l help $response[(math $j + 2)]
@@ -45,9 +47,9 @@ function __xcr0run_complete
                 __fish_complete_path $value
             case plain
                 if test "$help" != _
-                    printf '%s\t%s\n' $value $help
+                    printf '%s\t%s\n' "$prefix$value" $help
                 else
-                    echo $value
+                    echo "$prefix$value"
                 end
         end
     end
