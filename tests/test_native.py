@@ -6,7 +6,7 @@ import errno
 import os
 import subprocess
 
-from xcr0run import _native, host
+from xcr0run import _native, host, seccomp
 
 
 def test_cpuid_and_xgetbv_agree_with_each_other() -> None:
@@ -26,7 +26,7 @@ def test_filter_denies_amx_requests_through_both_system_call_abis(cbuild) -> Non
     pid = os.fork()
     if pid == 0:
         try:
-            _native.install_filter(_native.ARCH_REQ_XCOMP_PERM, trace_ptrace=False)
+            _native.install_filter(seccomp.build(seccomp.FilterSpec(deny_amx=True)))
             fd = os.open("/tmp/xcr0run-filter-test.out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1)
             os.execv(prog, [prog])
