@@ -280,3 +280,17 @@ def test_without_root_a_setuid_program_is_named_and_runs() -> None:
     )
     assert (result.returncode, result.stdout) == (native.returncode, native.stdout)
     assert "xcr0run: /usr/bin/su is set-user-ID, but runs without those privileges" in result.stderr
+
+
+def test_if_the_helper_dies_nothing_it_traced_keeps_running() -> None:
+    """Killing the helper takes the traced tree with it (PTRACE_O_EXITKILL): nothing may
+    run on with faulting armed and nobody to answer."""
+    proc = subprocess.Popen([*UNDER, "sh", "-c", "sleep 30 & wait"])
+    try:
+        wait_for(lambda: comm(proc.pid) == "sh")
+        helper = wait_for(lambda: tracer_of(proc.pid))
+        os.kill(helper, signal.SIGKILL)  # type: ignore[arg-type]
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        proc.kill()
+        proc.wait()

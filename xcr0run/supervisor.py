@@ -415,6 +415,7 @@ class Supervisor:
             return
         status = n.ptrace_geteventmsg(tracee.tid)
         if os.WIFSIGNALED(status) and os.WTERMSIG(status) != signal.SIGKILL:
+            self.outcome.signal = os.WTERMSIG(status)
             self._program_ending(None, tracee)
 
     # -- the audit and the program's end -------------------------------------------------------
