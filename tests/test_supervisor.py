@@ -161,7 +161,7 @@ def test_pipelines_stdin_and_sigpipe() -> None:
         ["sh", "-c", f"seq 2000 | {run} sort -rn | {run} head -1; {run} yes | head -2"],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,  # five start-ups, each slow in an emulated guest
     )
     assert out.stdout == "2000\ny\ny\n"
     assert out.stderr == ""
