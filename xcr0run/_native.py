@@ -27,8 +27,12 @@ ARCH_GET_XCOMP_SUPP = 0x1021
 ARCH_GET_XCOMP_PERM = 0x1022
 ARCH_REQ_XCOMP_PERM = 0x1023
 ARCH_GET_XCOMP_GUEST_PERM = 0x1024
-# The 2020 ARCH_SET_XCR0 patch (never merged) used 0x1021; callers pass the code.
-ARCH_SET_XCR0_PATCH_CODE = 0x1021
+# Not in mainline: the per-thread XCR0 of tests/kernel/arch-set-xcr0.patch (codes no
+# mainline kernel assigns; set takes the value itself), and the 2020 RFC patch's code,
+# which mainline (5.16+) gives to ARCH_GET_XCOMP_SUPP. Callers pass the code they try.
+ARCH_GET_XCR0 = 0x1013
+ARCH_SET_XCR0 = 0x1014
+ARCH_SET_XCR0_RFC_CODE = 0x1021
 
 # <linux/ptrace.h>
 PTRACE_TRACEME = 0

@@ -123,7 +123,7 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
         to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
         result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
         if result != 0:
-            raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
+            raise OSError(-result, host.set_xcr0_failure(-result, plan.mask))
         if host.xcr0() != plan.mask:
             raise OSError(errno.EIO, f"XCR0 reads {host.xcr0():#x} after ARCH_SET_XCR0")
     # Python ignores SIGPIPE and SIGXFSZ; the program must start with the defaults.
@@ -151,7 +151,7 @@ def exec_direct(
     try:
         _prepare_child(plan, xcr0_prctl, supervised=False)
     except OSError as err:
-        raise UnsupportedError(str(err)) from err
+        raise UnsupportedError(err.strerror or str(err)) from err
     try:
         _execve(path, argv, env)
     except OSError as err:
@@ -182,7 +182,7 @@ def supervise(
             try:
                 _prepare_child(plan, xcr0_prctl, supervised=True)
             except OSError as err:
-                os.write(report_w, f"setup:{err}".encode())
+                os.write(report_w, f"setup:{err.strerror or err}".encode())
                 os._exit(ExitStatus.FAILURE)
             os.kill(os.getpid(), signal.SIGSTOP)
             try:
