@@ -113,7 +113,8 @@ def test_a_refused_set_xcr0_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None
     from xcr0run import _native, launcher
 
     plan = make_plan(0x7, caps(faulting=False, set_xcr0=True, amx=False), Method.KERNEL)
-    monkeypatch.setattr(_native, "set_xcr0_with_init", lambda *a: -errno.EPERM)
+    refused = (_native.XCR0_NOT_SET, -errno.EPERM)
+    monkeypatch.setattr(_native, "exec_with_xcr0", lambda *a: refused)
     with pytest.raises(UnsupportedError) as err:
         launcher.exec_direct("/bin/true", ["true"], plan, 0x1014, {})
     assert str(err.value) == (

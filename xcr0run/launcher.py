@@ -107,8 +107,9 @@ def _rank(level: str) -> int:
     return isalevel.LEVEL_NAMES.index(level)
 
 
-def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
-    """In the process about to exec: seccomp filter, XCR0, default signal dispositions."""
+def _prepare_child(plan: Plan, supervised: bool) -> None:
+    """In the process about to exec: seccomp filter, default signal dispositions (XCR0
+    is set by _execve, in the same breath as the execve)."""
     # Under supervision, ptrace calls stop for us first so we can explain their failure;
     # only as root, since without CAP_SYS_ADMIN a filter needs no_new_privs, which would
     # take setuid programs their privileges.
@@ -117,15 +118,6 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
         _native.install_filter(
             _native.ARCH_REQ_XCOMP_PERM if plan.deny_amx else None, explain_ptrace
         )
-    if plan.set_xcr0:
-        # The components being disabled must be in their initial state; XFD-armed ones
-        # (AMX tile data) are left out, since XRSTOR of them faults without permission.
-        to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
-        result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
-        if result != 0:
-            raise OSError(-result, host.set_xcr0_failure(-result, plan.mask))
-        if host.xcr0() != plan.mask:
-            raise OSError(errno.EIO, f"XCR0 reads {host.xcr0():#x} after ARCH_SET_XCR0")
     # Python ignores SIGPIPE and SIGXFSZ; the program must start with the defaults.
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
@@ -134,26 +126,56 @@ def _prepare_child(plan: Plan, xcr0_prctl: int, supervised: bool) -> None:
 Environment = Mapping[bytes, bytes]
 
 
-def _execve(path: str, argv: Sequence[str], env: Environment) -> None:
+class Xcr0SetupError(OSError):
+    """ARCH_SET_XCR0 refused the mask (or XCR0 did not read back); nothing was run."""
+
+
+def _execve(path: str, argv: Sequence[str], env: Environment, xcr0: tuple[Plan, int]) -> None:
     """execve, and like execvp a file without a #! line runs through /bin/sh."""
     try:
-        os.execve(path, list(argv), env)
+        _execve_xcr0(path, argv, env, *xcr0)
     except OSError as err:
         if err.errno != errno.ENOEXEC:
             raise
-        os.execve("/bin/sh", ["/bin/sh", path, *argv[1:]], env)
+        _execve_xcr0("/bin/sh", ["/bin/sh", path, *argv[1:]], env, *xcr0)
+
+
+def _execve_xcr0(
+    path: str, argv: Sequence[str], env: Environment, plan: Plan, xcr0_prctl: int
+) -> None:
+    if not plan.set_xcr0:
+        os.execve(path, list(argv), env)
+        return
+    # From ARCH_SET_XCR0 to execve no code of ours, Python's or libc's may run: libc chose
+    # AVX string functions at start-up. The components being disabled must be in their
+    # initial state; XFD-armed ones (AMX tile data) are left out, since XRSTOR of them
+    # faults without permission.
+    to_init = plan.view.host_xcr0 & ~plan.mask & 0x3FC
+    stage, result = _native.exec_with_xcr0(
+        xcr0_prctl,
+        plan.mask,
+        to_init,
+        plan.view.host_xcr0,
+        os.fsencode(path),
+        [os.fsencode(a) for a in argv],
+        [k + b"=" + v for k, v in env.items()],
+    )
+    if stage == _native.XCR0_NOT_SET:
+        raise Xcr0SetupError(-result, host.set_xcr0_failure(-result, plan.mask))
+    if stage == _native.XCR0_READ_BACK:
+        raise Xcr0SetupError(errno.EIO, f"XCR0 reads {result:#x} after ARCH_SET_XCR0")
+    raise OSError(-result, os.strerror(-result), path)
 
 
 def exec_direct(
     path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment
 ) -> None:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
+    _prepare_child(plan, supervised=False)
     try:
-        _prepare_child(plan, xcr0_prctl, supervised=False)
-    except OSError as err:
-        raise UnsupportedError(err.strerror or str(err)) from err
-    try:
-        _execve(path, argv, env)
+        _execve(path, argv, env, (plan, xcr0_prctl))
+    except Xcr0SetupError as err:
+        raise UnsupportedError(err.strerror) from err
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
 
@@ -179,14 +201,13 @@ def supervise(
     if pid == 0:  # child: set up, wait to be seized, exec
         os.close(report_r)
         try:
-            try:
-                _prepare_child(plan, xcr0_prctl, supervised=True)
-            except OSError as err:
-                os.write(report_w, f"setup:{err.strerror or err}".encode())
-                os._exit(ExitStatus.FAILURE)
+            _prepare_child(plan, supervised=True)
             os.kill(os.getpid(), signal.SIGSTOP)
             try:
-                _execve(path, argv, env)
+                _execve(path, argv, env, (plan, xcr0_prctl))
+            except Xcr0SetupError as err:
+                os.write(report_w, f"setup:{err.strerror}".encode())
+                os._exit(ExitStatus.FAILURE)
             except OSError as err:
                 os.write(report_w, f"exec:{err.errno}".encode())
                 os._exit(_exec_error(argv[0], err.errno).status)
