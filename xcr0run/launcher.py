@@ -171,7 +171,10 @@ def exec_direct(
     path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment
 ) -> None:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
-    _prepare_child(plan, supervised=False)
+    try:
+        _prepare_child(plan, supervised=False)
+    except OSError as err:
+        raise UnsupportedError(str(err)) from err
     try:
         _execve(path, argv, env, (plan, xcr0_prctl))
     except Xcr0SetupError as err:
@@ -201,7 +204,11 @@ def supervise(
     if pid == 0:  # child: set up, wait to be seized, exec
         os.close(report_r)
         try:
-            _prepare_child(plan, supervised=True)
+            try:
+                _prepare_child(plan, supervised=True)
+            except OSError as err:
+                os.write(report_w, f"setup:{err}".encode())
+                os._exit(ExitStatus.FAILURE)
             os.kill(os.getpid(), signal.SIGSTOP)
             try:
                 _execve(path, argv, env, (plan, xcr0_prctl))
