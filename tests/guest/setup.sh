@@ -5,7 +5,7 @@
 #
 # With --xcr0-kernel, also what building the ARCH_SET_XCR0 test kernel takes
 # (linux-source-6.1 and the kernel's build tools), then builds it with
-# tests/kernel/build.sh unless it is already cached (about 10 minutes on 2 cores).
+# tests/kernel/build.sh unless it is already cached (19 CPU-minutes: ~10 min on 2 idle cores).
 set -euo pipefail
 
 cache="${XCR0RUN_GUEST_CACHE:-$HOME/.cache/xcr0run-guest}"
