@@ -61,8 +61,10 @@ class CBuilder:
         return str(out)
 
     def lazy(self, width: int) -> str:
-        """lazymain linked -z lazy against lazylib.so, with 256- or 512-bit vectors."""
-        flags = (f"-DVEC={width}", "-mavx512f" if width == 512 else "-mavx2", f"-I{C_DIR}")
+        """lazymain linked -z lazy against lazylib.so, with 128-, 256- or 512-bit vectors
+        (128: SSE2 only, for an XCR0 without AVX)."""
+        isa = {512: ("-mavx512f",), 256: ("-mavx2",), 128: ()}[width]
+        flags = (f"-DVEC={width}", *isa, f"-I{C_DIR}")
         out = self.cache / f"lazy{width}"
         if not out.exists():
             lib = self.cache / f"liblazy{width}.so"

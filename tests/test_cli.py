@@ -99,6 +99,19 @@ def test_method_kernel_without_the_prctl_says_so() -> None:
     assert result.stderr.startswith("xcr0run: --method kernel: no ARCH_SET_XCR0")
 
 
+def test_xcr0_only_without_the_prctl_says_so(tmp_path) -> None:
+    from xcr0run import host
+
+    if host.probe_xcr0_prctl(host.xcr0_prctl_code(), host.xcr0()).available:
+        pytest.skip("this kernel has ARCH_SET_XCR0 (tests/test_xcr0_kernel.py covers it)")
+    marker = tmp_path / "ran"
+    result = xcr0run(["--xcr0-only", "-m", "x87,sse", "--", "touch", str(marker)])
+    assert result.returncode == 125
+    assert result.stderr.startswith("xcr0run: --xcr0-only needs ARCH_SET_XCR0: no ARCH_SET")
+    assert len(result.stderr.splitlines()) == 1
+    assert not marker.exists()
+
+
 def test_mask_completion_through_click() -> None:
     env = {
         "_XCR0RUN_COMPLETE": "bash_complete",

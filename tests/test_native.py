@@ -41,7 +41,15 @@ def test_filter_denies_amx_requests_through_both_system_call_abis(cbuild) -> Non
 
 
 def test_set_xcr0_trampoline_runs_the_call_after_xrstor() -> None:
-    """The ARCH_SET_XCR0 path's machine code (init the state, then the system call) runs
-    here with a harmless code: ARCH_GET_CPUID reports 1, cpuid not faulting."""
-    assert _native.set_xcr0_with_init(_native.ARCH_GET_CPUID, 0, 0xE0 & host.xcr0()) == 1
-    assert _native.set_xcr0_with_init(0x1030, 0, 0) == -errno.EINVAL
+    """The ARCH_SET_XCR0 path's machine code (init the state, the system call, and only
+    if it returned 0 the check and execve) runs here with harmless codes: ARCH_GET_CPUID
+    reports 1 (cpuid not faulting), an unassigned code EINVAL; neither gets to execve.
+    tests/test_xcr0_kernel.py runs the rest in the test kernel."""
+    xcr0 = host.xcr0()
+
+    def attempt(code: int) -> tuple[int, int]:
+        return _native.exec_with_xcr0(code, 0, 0xE0 & xcr0, xcr0, b"/nonexistent", [b"x"], [])
+
+    assert attempt(_native.ARCH_GET_CPUID) == (_native.XCR0_NOT_SET, 1)
+    assert attempt(0x1030) == (_native.XCR0_NOT_SET, -errno.EINVAL)
+    assert host.xcr0() == xcr0

@@ -77,3 +77,47 @@ def test_hiding_amx_denies_the_permission_where_the_kernel_has_amx() -> None:
     assert "SIGILL" in make_plan(0x2E7, MAINLINE).enforced()[0]
     assert not make_plan(0x602E7 & ~0xE0, MAINLINE).deny_amx
     assert not make_plan(0x2E7, caps(faulting=True, set_xcr0=False, amx=False)).deny_amx
+
+
+def test_xcr0_only_changes_xcr0_and_leaves_cpuid_alone() -> None:
+    plan = make_plan(0x7, FakeKernelWithSetXcr0, xcr0_only=True)
+    assert plan.set_xcr0 and not plan.trap_cpuid  # faulting exists but is not used
+    assert plan.mechanism == "kernel"
+    assert plan.view.hidden == frozenset() and plan.view.limits() == []
+    assert "enabled in CPUID, not by the OS" in plan.describe()
+
+
+def test_xcr0_only_needs_the_kernel_path() -> None:
+    with pytest.raises(UnsupportedError, match="--xcr0-only needs ARCH_SET_XCR0: no ARCH_SET"):
+        make_plan(0x7, MAINLINE, xcr0_only=True)
+    with pytest.raises(UnsupportedError, match="not --method cpuid"):
+        make_plan(0x7, FakeKernelWithSetXcr0, Method.CPUID, xcr0_only=True)
+    with pytest.raises(UnsupportedError, match="--level and --profile change CPUID"):
+        make_plan(0x7, FakeKernelWithSetXcr0, extra_hidden=["popcnt"], xcr0_only=True)
+
+
+def test_the_rfc_patch_keeps_amx_out_of_reach_ours_does_not() -> None:
+    from dataclasses import replace
+
+    rfc = replace(FakeKernelWithSetXcr0NoFaulting, set_xcr0_limit=0x3FF)
+    with pytest.raises(UnsupportedError, match="refuses components above bit 9"):
+        make_plan(0x60007, rfc, Method.KERNEL)
+    assert make_plan(0x60007, FakeKernelWithSetXcr0NoFaulting, Method.KERNEL).set_xcr0
+
+
+def test_a_refused_set_xcr0_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's EPERM (state not initial) reaches the user as one sentence, before
+    anything is executed."""
+    import errno
+
+    from xcr0run import _native, launcher
+
+    plan = make_plan(0x7, caps(faulting=False, set_xcr0=True, amx=False), Method.KERNEL)
+    refused = (_native.XCR0_NOT_SET, -errno.EPERM)
+    monkeypatch.setattr(_native, "exec_with_xcr0", lambda *a: refused)
+    with pytest.raises(UnsupportedError) as err:
+        launcher.exec_direct("/bin/true", ["true"], plan, 0x1014, {})
+    assert str(err.value) == (
+        "ARCH_SET_XCR0(0x7) refused: a component being turned off is in use "
+        "(not in its initial state)"
+    )

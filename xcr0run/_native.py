@@ -11,7 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -29,8 +29,12 @@ ARCH_GET_XCOMP_SUPP = 0x1021
 ARCH_GET_XCOMP_PERM = 0x1022
 ARCH_REQ_XCOMP_PERM = 0x1023
 ARCH_GET_XCOMP_GUEST_PERM = 0x1024
-# The 2020 ARCH_SET_XCR0 patch (never merged) used 0x1021; callers pass the code.
-ARCH_SET_XCR0_PATCH_CODE = 0x1021
+# Not in mainline: the per-thread XCR0 of tests/kernel/arch-set-xcr0.patch (codes no
+# mainline kernel assigns; set takes the value itself), and the 2020 RFC patch's code,
+# which mainline (5.16+) gives to ARCH_GET_XCOMP_SUPP. Callers pass the code they try.
+ARCH_GET_XCR0 = 0x1013
+ARCH_SET_XCR0 = 0x1014
+ARCH_SET_XCR0_RFC_CODE = 0x1021
 
 # <linux/ptrace.h>
 PTRACE_TRACEME = 0
@@ -159,12 +163,42 @@ class SockFprog(ctypes.Structure):
 _CPUID_CODE = bytes.fromhex("534989d089f889f10fa241890041895804418948084189500c5bc3")
 # xgetbv(index=edi) -> rax: mov ecx,edi; xgetbv; shl rdx,32; or rax,rdx; ret
 _XGETBV_CODE = bytes.fromhex("89f90f01d048c1e2204809d0c3")
-# set_xcr0(code=rdi, mask=rsi, area=rdx, rfbm=rcx) -> raw syscall result: bring the
-# components in rfbm to their initial state (xrstor from a header with XSTATE_BV=0), then
-# arch_prctl(code, mask) with no library code in between to dirty them again.
-#   mov r10,rdx; mov rax,rcx; mov rdx,rcx; shr rdx,32; xrstor [r10]; mov eax,158;
-#   syscall; ret
-_SET_XCR0_CODE = bytes.fromhex("4989d24889c84889ca48c1ea20410fae2ab89e0000000f05c3")
+# exec_with_xcr0(job=rdi) -> rax: put the components in job.rfbm in their initial state
+# (xrstor from a header with XSTATE_BV=0), arch_prctl(job.code, job.mask), check xgetbv(0),
+# then execve(job.path, job.argv, job.envp) -- all without returning to Python, whose
+# libc picked AVX string functions at start-up and would die of SIGILL under the new
+# XCR0. If the check or execve fails, arch_prctl(job.code, job.restore) puts XCR0 back
+# before returning. job.stage says how far it got (see exec_with_xcr0).
+#   push rbx; mov rbx,rdi; mov rax,[rbx+24]; mov rdx,rax; shr rdx,32; mov r10,[rbx+16]
+#   xrstor [r10]; mov eax,158; mov rdi,[rbx]; mov rsi,[rbx+8]; syscall; test rax,rax
+#   jnz out; mov qword [rbx+64],1; xor ecx,ecx; xgetbv; shl rdx,32; or rax,rdx
+#   mov [rbx+72],rax; cmp rax,[rbx+8]; jne back; mov qword [rbx+64],2; mov eax,59
+#   mov rdi,[rbx+32]; mov rsi,[rbx+40]; mov rdx,[rbx+48]; syscall
+#   back: push rax; mov eax,158; mov rdi,[rbx]; mov rsi,[rbx+56]; syscall; pop rax
+#   out: pop rbx; ret
+_EXEC_XCR0_CODE = bytes.fromhex(
+    "534889fb488b43184889c248c1ea204c8b5310410fae2ab89e000000488b3b488b73080f054885c075"
+    "4948c743400100000031c90f01d048c1e2204809d048894348483b4308751b48c7434002000000b83b"
+    "000000488b7b20488b7328488b53300f0550b89e000000488b3b488b73380f05585bc3"
+)
+
+
+class Xcr0ExecJob(ctypes.Structure):
+    """The argument block of _EXEC_XCR0_CODE (offsets are in the machine code)."""
+
+    _fields_ = [
+        ("code", ctypes.c_uint64),
+        ("mask", ctypes.c_uint64),
+        ("area", ctypes.c_void_p),
+        ("rfbm", ctypes.c_uint64),
+        ("path", ctypes.c_char_p),
+        ("argv", ctypes.c_void_p),
+        ("envp", ctypes.c_void_p),
+        ("restore", ctypes.c_uint64),
+        ("stage", ctypes.c_uint64),
+        ("readback", ctypes.c_uint64),
+    ]
+
 
 _PROT_READ, _PROT_WRITE, _PROT_EXEC = 1, 2, 4
 _MAP_PRIVATE, _MAP_ANONYMOUS = 0x02, 0x20
@@ -190,7 +224,7 @@ def _load_code() -> tuple[int, int, int]:
         raise NativeError(ctypes.get_errno(), "mmap")
     offsets = []
     at = 0
-    for code in (_CPUID_CODE, _XGETBV_CODE, _SET_XCR0_CODE):
+    for code in (_CPUID_CODE, _XGETBV_CODE, _EXEC_XCR0_CODE):
         ctypes.memmove(page + at, code, len(code))
         offsets.append(page + at)
         at += (len(code) + 15) & ~15
@@ -203,14 +237,12 @@ _code_cache: list[tuple[Callable[..., Any], ...]] = []
 
 def _functions() -> tuple[Callable[..., Any], ...]:
     if not _code_cache:
-        cpuid_at, xgetbv_at, set_xcr0_at = _load_code()
+        cpuid_at, xgetbv_at, exec_xcr0_at = _load_code()
         _code_cache.append(
             (
                 ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p)(cpuid_at),
                 ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32)(xgetbv_at),
-                ctypes.CFUNCTYPE(
-                    ctypes.c_long, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_void_p, ctypes.c_ulong
-                )(set_xcr0_at),
+                ctypes.CFUNCTYPE(ctypes.c_long, ctypes.c_void_p)(exec_xcr0_at),
             )
         )
     return _code_cache[0]
@@ -228,12 +260,34 @@ def xgetbv(index: int = 0) -> int:
     return int(_functions()[1](index))
 
 
-def set_xcr0_with_init(code: int, mask: int, init_components: int) -> int:
-    """arch_prctl(code, mask) right after putting `init_components` in their initial
-    state, as the out-of-tree ARCH_SET_XCR0 demands. Returns the raw result (-errno)."""
+# exec_with_xcr0 stages: how far the machine code got.
+XCR0_NOT_SET = 0  # arch_prctl failed (result: -errno); nothing changed
+XCR0_READ_BACK = 1  # arch_prctl returned 0 but xgetbv(0) read `result`; XCR0 restored
+XCR0_EXEC_FAILED = 2  # XCR0 was set, execve failed (result: -errno); XCR0 restored
+
+
+def exec_with_xcr0(
+    code: int,
+    mask: int,
+    init_components: int,
+    restore: int,
+    path: bytes,
+    argv: Sequence[bytes],
+    envp: Sequence[bytes],
+) -> tuple[int, int]:
+    """Set this thread's XCR0 with arch_prctl(code, mask) right after putting
+    `init_components` in their initial state, then execve. Returns only on failure:
+    (stage, result), see the XCR0_* stages."""
     area = (ctypes.c_uint8 * (4096 + 64))()
     aligned = (ctypes.addressof(area) + 63) & ~63  # XRSTOR needs 64-byte alignment
-    return int(_functions()[2](code, mask, aligned, init_components))
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
+    c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
+    job = Xcr0ExecJob(
+        code, mask, aligned, init_components, path,
+        ctypes.addressof(c_argv), ctypes.addressof(c_envp), restore, 0, 0,
+    )  # fmt: skip
+    result = int(_functions()[2](ctypes.addressof(job)))
+    return int(job.stage), result if job.stage != XCR0_READ_BACK else int(job.readback)
 
 
 # -- arch_prctl -----------------------------------------------------------------------------

@@ -133,7 +133,7 @@ class PrctlCode(click.ParamType):
         try:
             return int(value, 0)
         except ValueError:
-            self.fail(f"not a number: {value!r} (try 0x1021)", param, ctx)
+            self.fail(f"not a number: {value!r} (try 0x1014)", param, ctx)
 
 
 @click.command(
@@ -221,7 +221,13 @@ class PrctlCode(click.ParamType):
     "--xcr0-prctl",
     type=PrctlCode(),
     envvar=host.XCR0_PRCTL_ENV,
-    help=f"arch_prctl code of ARCH_SET_XCR0 [default: 0x1021; env {host.XCR0_PRCTL_ENV}].",
+    help=f"arch_prctl code of ARCH_SET_XCR0 [default: 0x1014; env {host.XCR0_PRCTL_ENV}].",
+)
+@click.option(
+    "--xcr0-only",
+    is_flag=True,
+    help="Change XCR0 only (ARCH_SET_XCR0); CPUID keeps the host's feature bits: "
+    "enabled in CPUID, not by the OS.",
 )
 @click.version_option(__version__, "-V", "--version", prog_name=PROG)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -245,6 +251,7 @@ def cli(
     strict: bool,
     grant_amx: bool,
     xcr0_prctl: int | None,
+    xcr0_only: bool,
     command: tuple[str, ...],
 ) -> Any:
     """Run COMMAND so that it sees only the chosen XSAVE state components and the
@@ -262,7 +269,7 @@ def cli(
             if wanted.given:
                 raise click.UsageError("--pid does not go with --mask, --level or --profile")
             return _show_process(pid, as_json)
-        return _show(wanted, Method(method), code, as_json, env_hints)
+        return _show(wanted, Method(method), code, as_json, env_hints, xcr0_only)
     if pid is not None:
         raise click.UsageError("--pid goes with --show")
     if as_json:
@@ -276,7 +283,18 @@ def cli(
     if not wanted.given:
         raise click.UsageError("missing --mask (or --level, --profile)")
     checks = AuditChoice(audit, audit_interval, expect_used[1] if expect_used else [], strict)
-    return _run(wanted, Method(method), code, command, quiet, report, checks, grant_amx, env_hints)
+    return _run(
+        wanted,
+        Method(method),
+        code,
+        command,
+        quiet,
+        report,
+        checks,
+        grant_amx,
+        env_hints,
+        xcr0_only,
+    )
 
 
 @dataclass(frozen=True)
@@ -333,7 +351,9 @@ def _print_rr_flags(wanted: Wanted) -> int:
     return 0
 
 
-def _show(wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool) -> int:
+def _show(
+    wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool, xcr0_only: bool
+) -> int:
     from xcr0run import inspect, render
 
     caps = inspect.capabilities(code)
@@ -341,7 +361,7 @@ def _show(wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: b
     report = inspect.gather(caps, code, table)
     if wanted.given:
         spec = wanted.shape(caps.xcr0, table)
-        report.plan = inspect.describe_spec(spec, caps, method, table, env_hints)
+        report.plan = inspect.describe_spec(spec, caps, method, table, env_hints, xcr0_only)
     if as_json:
         click.echo(render.to_json(report.to_json()))
     else:
@@ -370,6 +390,7 @@ def _run(
     checks: AuditChoice,
     grant_amx: bool,
     env_hints: bool,
+    xcr0_only: bool = False,
 ) -> NoReturn:
     from xcr0run import inspect, launcher, render, run
     from xcr0run.view import psabi_level
@@ -380,7 +401,7 @@ def _run(
     caps = inspect.capabilities(code)
     table = host.cpuid_table()
     spec = wanted.shape(caps.xcr0, table)
-    plan = inspect.plan_for(spec, caps, method, grant_amx)
+    plan = inspect.plan_for(spec, caps, method, grant_amx, xcr0_only)
     if not wanted.force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
     hints = inspect.env_hints(plan) if env_hints or plan.env_only else []

@@ -106,11 +106,11 @@ def original_environment() -> dict[bytes, bytes]:
 
 
 def xcr0_prctl_code(override: int | None = None) -> int:
-    """The arch_prctl code to try for ARCH_SET_XCR0: option, environment, or the patch's."""
+    """The arch_prctl code to try for ARCH_SET_XCR0: option, environment, or ours."""
     if override is not None:
         return override
     text = os.environ.get(XCR0_PRCTL_ENV)
-    return int(text, 0) if text else _native.ARCH_SET_XCR0_PATCH_CODE
+    return int(text, 0) if text else _native.ARCH_SET_XCR0
 
 
 @dataclass(frozen=True)
@@ -120,9 +120,31 @@ class Xcr0Prctl:
     detail: str
 
 
+# The 2020 RFC patch refuses components from bit 10 up (no AMX, PATCH_XCR0_BITS); ours
+# takes any user component the kernel enabled.
+_ALL_BITS = (1 << 64) - 1
+
+
+def xcr0_prctl_limit(code: int) -> int:
+    """The XCR0 bits ARCH_SET_XCR0 at `code` can keep (the RFC patch: bits 0-9)."""
+    return PATCH_XCR0_BITS if code == _native.ARCH_SET_XCR0_RFC_CODE else _ALL_BITS
+
+
+def set_xcr0_failure(err: int, mask: int) -> str:
+    """One line for a refused ARCH_SET_XCR0."""
+    if err == errno.EPERM:
+        why = "a component being turned off is in use (not in its initial state)"
+    elif err == errno.EINVAL:
+        why = "the kernel does not accept this XCR0 (unsupported or invalid combination)"
+    else:
+        why = os.strerror(err)
+    return f"ARCH_SET_XCR0({mask:#x}) refused: {why}"
+
+
 # Codes mainline Linux assigns (asm/prctl.h): never ARCH_SET_XCR0, and some of them
 # (ARCH_SET_FS, ...) would wreck the probing process. 0x1021 is ARCH_GET_XCOMP_SUPP too,
-# but it is the 2020 patch's own code and its probe value can never be a mapped address.
+# but it is the 2020 RFC patch's own code and its probe value can never be a mapped
+# address. Ours (0x1014) is unassigned in mainline: EINVAL there, nothing else.
 _MAINLINE_CODES = {
     0x1001: "ARCH_SET_GS", 0x1002: "ARCH_SET_FS", 0x1003: "ARCH_GET_FS",
     0x1004: "ARCH_GET_GS", 0x1011: "ARCH_GET_CPUID", 0x1012: "ARCH_SET_CPUID",
@@ -148,10 +170,10 @@ def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
     if code in _MAINLINE_CODES:
         name = _MAINLINE_CODES[code]
         return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
-    value = current & PATCH_XCR0_BITS
+    value = current & xcr0_prctl_limit(code)
     if _native.address_mapped(value):
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
-    if value == current and code == _native.ARCH_SET_XCR0_PATCH_CODE:
+    if value == current and code in (_native.ARCH_SET_XCR0, _native.ARCH_SET_XCR0_RFC_CODE):
         result = _native.arch_prctl_raw(code, value)
         if result == 0 and xcr0() != current:
             return Xcr0Prctl(code, False, f"arch_prctl({code:#x}) changed XCR0 unexpectedly")

@@ -111,6 +111,7 @@ def capabilities(xcr0_prctl_code: int) -> Capabilities:
         set_xcr0_detail=probe.detail,
         amx_supported=bool((xcomp.supported or 0) & xsave.NAMES["tiledata"]),
         faulting_enabled=faulting.enabled_here,
+        set_xcr0_limit=host.xcr0_prctl_limit(xcr0_prctl_code),
     )
 
 
@@ -169,7 +170,9 @@ def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowR
     )
 
 
-def plan_for(spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool) -> Plan:
+def plan_for(
+    spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool, xcr0_only: bool = False
+) -> Plan:
     return make_plan(
         spec.mask,
         caps,
@@ -178,6 +181,7 @@ def plan_for(spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool
         grant_amx=grant_amx,
         added=spec.added,
         identity=spec.identity,
+        xcr0_only=xcr0_only,
     )
 
 
@@ -218,11 +222,16 @@ def describe_plan(
 
 
 def describe_spec(
-    spec: ViewSpec, caps: Capabilities, method: Method, table: CpuidTable, with_hints: bool
+    spec: ViewSpec,
+    caps: Capabilities,
+    method: Method,
+    table: CpuidTable,
+    with_hints: bool,
+    xcr0_only: bool = False,
 ) -> dict[str, Any]:
     """describe_plan, also when no mechanism can present the view here."""
     try:
-        plan = plan_for(spec, caps, method, False)
+        plan = plan_for(spec, caps, method, False, xcr0_only)
     except UnsupportedError as err:
         view = CpuidView.build(
             spec.mask, caps.xcr0, False, spec.extra_hidden, spec.added, spec.identity

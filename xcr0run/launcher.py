@@ -110,19 +110,11 @@ def _restore_dispositions() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _prepare_image(plan: Plan, xcr0_prctl: int, guard: FilterSpec) -> None:
-    """In the process about to exec: signal dispositions, XCR0, the seccomp filter (last:
-    from then on the calls it names stop for the tracer)."""
+def _prepare_image(guard: FilterSpec) -> None:
+    """In the process about to exec: signal dispositions, then the seccomp filter (from
+    then on the calls it names stop for the tracer). XCR0 is set by _execve, in the same
+    breath as the execve."""
     _restore_dispositions()
-    if plan.set_xcr0:
-        # The components being disabled must be in their initial state; XFD-armed ones
-        # (AMX tile data) are left out, since XRSTOR of them faults without permission.
-        to_init = plan.view.host_xcr0 & ~plan.mask & PATCH_XCR0_BITS & ~0b11  # not x87, SSE
-        result = _native.set_xcr0_with_init(xcr0_prctl, plan.mask, to_init)
-        if result != 0:
-            raise OSError(-result, f"ARCH_SET_XCR0({plan.mask:#x}) failed")
-        if host.xcr0() != plan.mask:
-            raise OSError(errno.EIO, f"XCR0 reads {host.xcr0():#x} after ARCH_SET_XCR0")
     if not guard.empty:
         _native.install_filter(seccomp.build(guard))
 
@@ -130,14 +122,45 @@ def _prepare_image(plan: Plan, xcr0_prctl: int, guard: FilterSpec) -> None:
 Environment = Mapping[bytes, bytes]
 
 
-def _execve(path: str, argv: Sequence[str], env: Environment) -> None:
+class Xcr0SetupError(OSError):
+    """ARCH_SET_XCR0 refused the mask (or XCR0 did not read back); nothing was run."""
+
+
+def _execve(path: str, argv: Sequence[str], env: Environment, xcr0: tuple[Plan, int]) -> None:
     """execve, and like execvp a file without a #! line runs through /bin/sh."""
     try:
-        os.execve(path, list(argv), env)
+        _execve_xcr0(path, argv, env, *xcr0)
     except OSError as err:
         if err.errno != errno.ENOEXEC:
             raise
-        os.execve("/bin/sh", ["/bin/sh", path, *argv[1:]], env)
+        _execve_xcr0("/bin/sh", ["/bin/sh", path, *argv[1:]], env, *xcr0)
+
+
+def _execve_xcr0(
+    path: str, argv: Sequence[str], env: Environment, plan: Plan, xcr0_prctl: int
+) -> None:
+    if not plan.set_xcr0:
+        os.execve(path, list(argv), env)
+        return
+    # From ARCH_SET_XCR0 to execve no code of ours, Python's or libc's may run: libc chose
+    # AVX string functions at start-up. The components being disabled must be in their
+    # initial state; XFD-armed ones (AMX tile data) are left out, since XRSTOR of them
+    # faults without permission.
+    to_init = plan.view.host_xcr0 & ~plan.mask & PATCH_XCR0_BITS & ~0b11  # not x87, SSE
+    stage, result = _native.exec_with_xcr0(
+        xcr0_prctl,
+        plan.mask,
+        to_init,
+        plan.view.host_xcr0,
+        os.fsencode(path),
+        [os.fsencode(a) for a in argv],
+        [k + b"=" + v for k, v in env.items()],
+    )
+    if stage == _native.XCR0_NOT_SET:
+        raise Xcr0SetupError(-result, host.set_xcr0_failure(-result, plan.mask))
+    if stage == _native.XCR0_READ_BACK:
+        raise Xcr0SetupError(errno.EIO, f"XCR0 reads {result:#x} after ARCH_SET_XCR0")
+    raise OSError(-result, os.strerror(-result), path)
 
 
 def exec_direct(
@@ -146,11 +169,13 @@ def exec_direct(
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
     guard = FilterSpec(deny_amx=plan.deny_amx)
     try:
-        _prepare_image(plan, xcr0_prctl, guard)
+        _prepare_image(guard)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
-        _execve(path, argv, env)
+        _execve(path, argv, env, (plan, xcr0_prctl))
+    except Xcr0SetupError as err:
+        raise UnsupportedError(err.strerror) from err
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
     raise AssertionError("execve returned")
@@ -179,11 +204,13 @@ def exec_supervised(
     the program has run."""
     start_tracer(tracer, keep_fds)
     try:
-        _prepare_image(plan, xcr0_prctl, guard)
+        _prepare_image(guard)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
-        _execve(path, argv, env)
+        _execve(path, argv, env, (plan, xcr0_prctl))
+    except Xcr0SetupError as err:
+        raise UnsupportedError(err.strerror) from err
     except OSError as err:
         raise _exec_error(argv[0], err.errno) from err
     raise AssertionError("execve returned")

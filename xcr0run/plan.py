@@ -39,6 +39,7 @@ class Capabilities:
     set_xcr0_detail: str
     amx_supported: bool  # the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP bit 18)
     faulting_enabled: bool = False  # this thread's CPUID already faults (under xcr0run)
+    set_xcr0_limit: int = (1 << 64) - 1  # XCR0 bits ARCH_SET_XCR0 keeps (RFC patch: 0x3FF)
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ class Plan:
     view: CpuidView
     grant_amx: bool = False  # request AMX permission in every new program image
     env_only: bool = False  # --method env: the view is carried by library knobs alone
+    xcr0_only: bool = False  # --xcr0-only: XCR0 changed, CPUID left as the host's
 
     @property
     def supervised(self) -> bool:
@@ -62,6 +64,11 @@ class Plan:
 
     def describe(self) -> str:
         """How the mask is achieved, in one line."""
+        if self.set_xcr0 and self.xcr0_only:
+            return (
+                f"hardware XCR0 set to {self.mask:#x} by the kernel (ARCH_SET_XCR0), CPUID "
+                "feature bits left as the host's: enabled in CPUID, not by the OS"
+            )
         if self.set_xcr0:
             how = f"hardware XCR0 set to {self.mask:#x} by the kernel (ARCH_SET_XCR0)"
             return how + (", CPUID view masked" if self.trap_cpuid else ", CPUID unmasked")
@@ -87,9 +94,11 @@ def make_plan(
     grant_amx: bool = False,
     added: Iterable[str] = (),
     identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None,
+    xcr0_only: bool = False,
 ) -> Plan:
     """Choose mechanisms for `mask`, or raise UnsupportedError saying what is missing.
-    `extra_hidden`, `added` and `identity` come from --level and --profile."""
+    `extra_hidden`, `added` and `identity` come from --level and --profile; `xcr0_only`
+    is --xcr0-only (see xcr0_only_plan)."""
     extra = tuple(extra_hidden)
 
     def view(xcr0_changed: bool) -> CpuidView:
@@ -101,6 +110,8 @@ def make_plan(
         raise UnsupportedError("--grant-amx: this CPU and kernel have no AMX")
     if grant_amx and not mask & amx:
         raise UnsupportedError("--grant-amx: the mask hides AMX")
+    if xcr0_only:
+        return xcr0_only_plan(mask, caps, method, bool(extra or added or identity), grant_amx)
     if method is Method.ENV:
         return Plan(mask, False, False, deny_amx, view(False), grant_amx, env_only=True)
     if mask == caps.xcr0 and not extra and not added and not identity and method is Method.AUTO:
@@ -110,12 +121,12 @@ def make_plan(
         raise UnsupportedError(f"--method kernel: {caps.set_xcr0_detail}")
     if method is Method.CPUID and not caps.faulting:
         raise UnsupportedError(f"--method cpuid: no CPUID faulting ({caps.faulting_detail})")
-    # The 2020 patch refuses components from bit 10 up (AMX): such masks need cpuid.
-    kernel_fits = not mask & ~PATCH_XCR0_BITS
+    # The 2020 RFC patch refuses components from bit 10 up (AMX): such masks need cpuid.
+    kernel_fits = not mask & ~caps.set_xcr0_limit
     if method is Method.KERNEL and not kernel_fits:
         raise UnsupportedError(
             "--method kernel: ARCH_SET_XCR0 (the 2020 patch) refuses components above bit 9 "
-            f"({', '.join(c.name for c in xsave.components(mask & ~PATCH_XCR0_BITS))})"
+            f"({', '.join(c.name for c in xsave.components(mask & ~caps.set_xcr0_limit))})"
         )
     set_xcr0 = want_kernel and caps.set_xcr0 and kernel_fits
     trap = caps.faulting  # the kernel mechanism still wants CPUID to agree with XCR0
@@ -126,6 +137,32 @@ def make_plan(
             "steers only libraries that read their own knobs)"
         )
     return Plan(mask, set_xcr0, trap, deny_amx, view(set_xcr0), grant_amx)
+
+
+def xcr0_only_plan(
+    mask: int, caps: Capabilities, method: Method, cpuid_edits: bool, grant_amx: bool
+) -> Plan:
+    """--xcr0-only: the state a hypervisor or OS leaves behind when it enables less in
+    XCR0 than CPUID advertises (AVX-512 off in XCR0, avx512f still set in CPUID). Only
+    ARCH_SET_XCR0 can do that: CPUID stays the host's (OSXSAVE and leaf 0xD follow the
+    new XCR0 by themselves), so nothing is trapped and nothing hidden."""
+    if method not in (Method.AUTO, Method.KERNEL):
+        raise UnsupportedError(f"--xcr0-only works through the kernel, not --method {method.value}")
+    if cpuid_edits:
+        raise UnsupportedError(
+            "--xcr0-only leaves CPUID as the host's; --level and --profile change CPUID"
+        )
+    if not caps.set_xcr0:
+        raise UnsupportedError(f"--xcr0-only needs ARCH_SET_XCR0: {caps.set_xcr0_detail}")
+    if mask & ~caps.set_xcr0_limit:
+        raise UnsupportedError(
+            "--xcr0-only: this ARCH_SET_XCR0 refuses components above bit 9 "
+            f"({', '.join(c.name for c in xsave.components(mask & ~caps.set_xcr0_limit))})"
+        )
+    amx = xsave.NAMES["amx"]
+    deny_amx = caps.amx_supported and bool(caps.xcr0 & amx) and not mask & amx
+    unchanged = CpuidView.build(caps.xcr0, caps.xcr0, False)
+    return Plan(mask, mask != caps.xcr0, False, deny_amx, unchanged, grant_amx, xcr0_only=True)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,11 @@ typedef __m512d vec;
 #define ADD _mm512_add_pd
 #define SET1 _mm512_set1_pd
 #define LANES 8
+#elif VEC == 128
+typedef __m128d vec;
+#define ADD _mm_add_pd
+#define SET1 _mm_set1_pd
+#define LANES 2
 #else
 typedef __m256d vec;
 #define ADD _mm256_add_pd

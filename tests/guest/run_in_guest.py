@@ -14,9 +14,14 @@ picks its role from the kernel command line.  L2 sees the host's root filesystem
 written back, runs the command there and stores its stdout, stderr and exit
 status in a per-run "job" directory shared read-write with the host.
 
+With --xcr0-kernel (xcr0_kernel=True) it boots one level instead: TCG running the
+test kernel that has ARCH_SET_XCR0 (tests/kernel/build.sh: Debian's linux-source-6.1 plus
+tests/kernel/arch-set-xcr0.patch, everything built in), straight into the role L2 has
+above.  TCG emulates XSAVE, XSETBV and AVX, and raises #UD for AVX when XCR0 lacks it.
+
 Usable as a module (run_in_guest, guest_available) or as a script:
-    python3 tests/guest/run_in_guest.py [--cwd DIR] [--timeout S] -- COMMAND ARGS...
-tests/guest/setup.sh installs what it needs.
+    python3 tests/guest/run_in_guest.py [--cwd DIR] [--timeout S] [--xcr0-kernel] -- COMMAND ARGS...
+tests/guest/setup.sh installs what it needs (with --xcr0-kernel, also builds that kernel).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_DIR = Path(os.environ.get("XCR0RUN_GUEST_CACHE") or Path.home() / ".cache" / "xcr0run-guest")
+XCR0_KERNEL_BUILD = Path(__file__).resolve().parent.parent / "kernel" / "build.sh"
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
 
 # Modules each level loads (dependencies are resolved from the .ko files).
@@ -58,6 +64,11 @@ L1_SMP = 2
 L2_CPU = "host,vendor=GenuineIntel,kvm-pv-unhalt=off,kvm-pv-ipi=off,kvm-pv-sched-yield=off"
 L2_MEMORY = "1G"
 L2_SMP = 1
+# The ARCH_SET_XCR0 kernel, one level under TCG.  Two CPUs, so that threads with
+# different XCR0 values migrate and meet on each CPU.
+XK_CPU = L1_CPU
+XK_MEMORY = "2G"
+XK_SMP = 2
 
 KERNEL_CMDLINE = (
     "console=ttyS0 quiet panic=-1 mitigations=off random.trust_cpu=on cryptomgr.notests"
@@ -66,6 +77,7 @@ KERNEL_CMDLINE = (
 # only, so only L2 (single CPU anyway) does without.
 L1_CMDLINE = f"{KERNEL_CMDLINE} xcr0run.role=l1"
 L2_CMDLINE = f"{KERNEL_CMDLINE} acpi=off xcr0run.role=l2"
+XK_CMDLINE = f"{KERNEL_CMDLINE} xcr0run.role=l2"  # the test kernel has no ACPI at all
 NINEP_OPTS = "trans=virtio,version=9p2000.L,msize=512000"
 
 # Rarely (a few per cent of boots) L2's vCPU spins in KVM before running its
@@ -230,8 +242,8 @@ class GuestTimeout(GuestError):
 @dataclass(frozen=True)
 class Kernel:
     version: str
-    image: Path  # bzImage
-    modules: Path  # .../lib/modules/<version>
+    image: Path  # bzImage, or an ELF vmlinux QEMU boots through PVH
+    modules: Path | None  # .../lib/modules/<version>; None: everything built in
 
 
 def find_qemu() -> str | None:
@@ -280,10 +292,53 @@ def guest_available() -> str | None:
     kernel = find_kernel()
     if kernel is None:
         return f"no guest kernel in {CACHE_DIR / 'kernel'} (run tests/guest/setup.sh)"
+    return _modules_missing(kernel)
+
+
+def _modules_missing(kernel: Kernel) -> str | None:
     try:
         _resolve_modules(kernel, (*L1_MODULES, *L2_MODULES))
     except GuestError as exc:
         return str(exc).splitlines()[0]
+    return None
+
+
+def xcr0_kernel_dir() -> Path | None:
+    """Where tests/kernel/build.sh keeps (or would keep) the ARCH_SET_XCR0 kernel."""
+    if not XCR0_KERNEL_BUILD.is_file():
+        return None
+    proc = subprocess.run(["bash", str(XCR0_KERNEL_BUILD), "--key"], capture_output=True, text=True)
+    return Path(proc.stdout.strip()) if proc.returncode == 0 else None
+
+
+def find_xcr0_kernel() -> Kernel | None:
+    """The built ARCH_SET_XCR0 kernel, or None if it has not been built."""
+    directory = xcr0_kernel_dir()
+    if directory is None or not (directory / "vmlinux").is_file():
+        return None
+    release = directory / "release"
+    version = release.read_text().strip() if release.is_file() else "xcr0"
+    return Kernel(version, directory / "vmlinux", None)
+
+
+def xcr0_kernel_available(build: bool = False) -> str | None:
+    """None if run_in_guest(xcr0_kernel=True) can work here, else why not.  With
+    build=True a kernel that can be built is built first (minutes; see build.sh)."""
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        return "needs an x86_64 Linux host"
+    if find_qemu() is None:
+        return "qemu-system-x86_64 not found (run tests/guest/setup.sh --xcr0-kernel)"
+    if _find_busybox() is None:
+        return "static busybox not found (run tests/guest/setup.sh --xcr0-kernel)"
+    if find_xcr0_kernel() is not None:
+        return None
+    if xcr0_kernel_dir() is None:
+        return "linux-source-6.1 is not installed (run tests/guest/setup.sh --xcr0-kernel)"
+    if not build:
+        return "the ARCH_SET_XCR0 kernel is not built (run tests/kernel/build.sh)"
+    proc = subprocess.run(["bash", str(XCR0_KERNEL_BUILD)], stdout=subprocess.PIPE)
+    if proc.returncode != 0 or find_xcr0_kernel() is None:
+        return f"tests/kernel/build.sh failed (exit {proc.returncode})"
     return None
 
 
@@ -296,6 +351,8 @@ def _norm(name: str) -> str:
 
 def _module_index(kernel: Kernel) -> dict[str, Path]:
     index: dict[str, Path] = {}
+    if kernel.modules is None:
+        return index
     for path in (kernel.modules / "kernel").rglob("*.ko*"):
         if path.name.endswith((".ko", ".ko.xz")):
             index[_norm(path.name.split(".ko")[0])] = path
@@ -320,6 +377,8 @@ def _module_depends(data: bytes) -> list[str]:
 
 def _resolve_modules(kernel: Kernel, wanted: Iterable[str]) -> list[tuple[str, bytes]]:
     """Wanted modules plus dependencies, dependencies first; built-ins are skipped."""
+    if kernel.modules is None:
+        return []  # everything is built in
     builtin_file = kernel.modules / "modules.builtin"
     builtin: set[str] = set()
     if builtin_file.is_file():
@@ -513,13 +572,13 @@ def _write_job(
     qemu: str,
     image: Path,
     initrd: Path,
-    shim: Path,
+    shim: Path | None,  # None: one level, no L2 to start
 ) -> None:
     config = {
         "XCR0RUN_QEMU": qemu,
         "XCR0RUN_KERNEL": str(image),
         "XCR0RUN_INITRD": str(initrd),
-        "XCR0RUN_SHIM": str(shim),
+        "XCR0RUN_SHIM": str(shim or ""),
         "XCR0RUN_CMDLINE": L2_CMDLINE,
         "XCR0RUN_L2_CPU": L2_CPU,
         "XCR0RUN_L2_MEMORY": L2_MEMORY,
@@ -540,20 +599,30 @@ def _read(path: Path) -> str:
 
 
 def _qemu_command(
-    qemu: str, image: Path, initrd: Path, job: Path, shares: Sequence[tuple[str, str]]
+    qemu: str,
+    image: Path,
+    initrd: Path,
+    job: Path,
+    shares: Sequence[tuple[str, str]],
+    one_level: bool = False,
 ) -> list[str]:
+    """The host's qemu: L1 of the nested guest, or (one_level) the ARCH_SET_XCR0 kernel."""
+    cpu, memory, smp, cmdline = (
+        (XK_CPU, XK_MEMORY, XK_SMP, XK_CMDLINE) if one_level
+        else (L1_CPU, L1_MEMORY, L1_SMP, L1_CMDLINE)
+    )  # fmt: skip
     cmd = [
         qemu,
         "-accel", "tcg",
-        "-cpu", L1_CPU,
-        "-m", L1_MEMORY,
-        "-smp", str(L1_SMP),
+        "-cpu", cpu,
+        "-m", memory,
+        "-smp", str(smp),
         "-M", "pc",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-no-reboot",
         "-kernel", str(image),
         "-initrd", str(initrd),
-        "-append", L1_CMDLINE,
+        "-append", cmdline,
     ]  # fmt: skip
     fsdevs = [("hostroot", "/", ",readonly=on,multidevs=remap"), ("job", str(job), "")]
     fsdevs += [(tag, path, "") for tag, path in shares]
@@ -599,8 +668,12 @@ def run_in_guest(
     timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
     writable: Sequence[str | os.PathLike[str]] = (),
+    xcr0_kernel: bool = False,
 ) -> GuestResult:
     """Boot the guest, run argv in cwd (default: this process's cwd), return its outcome.
+
+    xcr0_kernel: boot one level, the ARCH_SET_XCR0 test kernel, instead of the nested
+    pair (it must have been built: xcr0_kernel_available(build=True) builds it).
 
     env is layered over a host-like base (host PATH, HOME=/root, LANG=C.UTF-8, ...;
     see _guest_path for one tweak to PATH).
@@ -611,12 +684,13 @@ def run_in_guest(
     """
     if not argv:
         raise ValueError("argv is empty")
-    reason = guest_available()
+    reason = xcr0_kernel_available() if xcr0_kernel else guest_available()
     if reason is not None:
         raise GuestError(f"guest unavailable: {reason}")
-    qemu, kernel = find_qemu(), find_kernel()
+    qemu, kernel = find_qemu(), find_xcr0_kernel() if xcr0_kernel else find_kernel()
     assert qemu is not None and kernel is not None
-    initrd, image, shim = _build_initramfs(kernel), _boot_image(kernel), _build_shim()
+    initrd, image = _build_initramfs(kernel), _boot_image(kernel)
+    shim = None if xcr0_kernel else _build_shim()
     cwd_str = os.fspath(cwd) if cwd is not None else os.getcwd()
     shares: list[tuple[str, str]] = []
     for i, path in enumerate(writable):
@@ -630,7 +704,7 @@ def run_in_guest(
     consoles: list[str] = []
     with tempfile.TemporaryDirectory(prefix="xcr0run-guest-") as tmp:
         job, console_path = Path(tmp) / "job", Path(tmp) / "console.log"
-        cmd = _qemu_command(qemu, image, initrd, job, shares)
+        cmd = _qemu_command(qemu, image, initrd, job, shares, one_level=xcr0_kernel)
         boots = 0
         while boots < BOOT_ATTEMPTS:
             boots += 1
@@ -671,17 +745,23 @@ def main(args: Sequence[str] | None = None) -> int:
         help="host directory shared read-write at the same path (repeatable)",
     )  # fmt: skip
     parser.add_argument("--console", action="store_true", help="print the guest consoles")
+    parser.add_argument(
+        "--xcr0-kernel", action="store_true",
+        help="boot one level with the ARCH_SET_XCR0 test kernel (built first if missing)",
+    )  # fmt: skip
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS...")
     ns = parser.parse_args(args)
     command = ns.command[1:] if ns.command[:1] == ["--"] else ns.command
     if not command:
         parser.error("no command given")
-    reason = guest_available()
+    reason = xcr0_kernel_available(build=True) if ns.xcr0_kernel else guest_available()
     if reason is not None:
         print(f"run_in_guest: unavailable: {reason}", file=sys.stderr)
         return 2
     try:
-        result = run_in_guest(command, ns.cwd, ns.timeout, writable=ns.writable)
+        result = run_in_guest(
+            command, ns.cwd, ns.timeout, writable=ns.writable, xcr0_kernel=ns.xcr0_kernel
+        )
     except GuestError as exc:
         print(f"run_in_guest: {exc}", file=sys.stderr)
         return 2
