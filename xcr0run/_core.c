@@ -903,7 +903,7 @@ static int on_arm_trap(struct xc_core *core, struct tracee *t, struct xc_stop *o
         return XC_STOP_STATUS; /* a SIGTRAP that is not our int3 */
     int64_t result = regs.cs == XC_USER32_CS ? (int32_t)regs.rax : (int64_t)regs.rax;
     const struct exec_call *call = &core->calls[t->call];
-    if (result != 0) {
+    if (result < 0) { /* -errno; ARCH_GET_* calls return a value */
         if (call->required) {
             out->result = result;
             out->code = call->code;
