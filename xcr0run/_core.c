@@ -149,7 +149,8 @@ struct xc_core {
     struct xc_event *events;
     size_t event_len, event_cap;
     struct xc_stats stats;
-    volatile sig_atomic_t wake;
+    volatile sig_atomic_t timer_fired; /* set by the wake signal's handler */
+    volatile sig_atomic_t return_requested; /* set by xc_request_return */
     int wake_signal;
     struct sigaction old_action;
     int timer_id; /* kernel timer id, -1 until created */
@@ -321,7 +322,7 @@ static void on_wake_signal(int sig, siginfo_t *info, void *context)
     (void)sig;
     (void)context;
     if (info->si_code == SI_TIMER && info->si_value.sival_ptr)
-        ((struct xc_core *)info->si_value.sival_ptr)->wake = 1;
+        ((struct xc_core *)info->si_value.sival_ptr)->timer_fired = 1;
 }
 
 /* ncpus: CPU numbers 0..ncpus-1 may have per-CPU answers. wake_signal: a signal number
@@ -614,8 +615,8 @@ XC_API size_t xc_counts(struct xc_core *core, struct xc_count *out, size_t max)
 XC_API void xc_stats(struct xc_core *core, struct xc_stats *out) { *out = core->stats; }
 
 /* Async-signal-safe, and callable from another thread: run() returns XC_STOP_WOKEN at
- * its next stop or timer tick. */
-XC_API void xc_request_return(struct xc_core *core) { core->wake = 1; }
+ * once if it has not started, else after its next stop or timer tick. */
+XC_API void xc_request_return(struct xc_core *core) { core->return_requested = 1; }
 
 /* ------------------------------------------------------------------ the CPUID instruction */
 
@@ -1020,14 +1021,14 @@ XC_API int xc_run(struct xc_core *core, int timeout_ms, struct xc_stop *out)
     int reason;
     int timed = timeout_ms >= 0;
     memset(out, 0, sizeof *out);
-    core->wake = 0;
+    core->timer_fired = 0; /* a tick of the previous call, after its last check */
     if (timed && (!core->wake_signal || arm_timer(core, timeout_ms))) {
         out->err = core->wake_signal ? errno : EINVAL;
         out->reason = XC_STOP_ERROR;
         return XC_STOP_ERROR;
     }
     for (;;) {
-        if (core->wake) {
+        if (core->timer_fired || core->return_requested) {
             reason = XC_STOP_WOKEN;
             break;
         }
@@ -1036,7 +1037,7 @@ XC_API int xc_run(struct xc_core *core, int timeout_ms, struct xc_stop *out)
         if (tid < 0) {
             memset(out, 0, sizeof *out);
             if (errno == EINTR)
-                reason = core->wake ? XC_STOP_WOKEN : XC_STOP_EINTR;
+                reason = core->timer_fired || core->return_requested ? XC_STOP_WOKEN : XC_STOP_EINTR;
             else if (errno == ECHILD)
                 reason = XC_STOP_NO_TRACEES;
             else {
@@ -1051,6 +1052,8 @@ XC_API int xc_run(struct xc_core *core, int timeout_ms, struct xc_stop *out)
     }
     if (timed)
         disarm_timer(core);
+    if (reason == XC_STOP_WOKEN)
+        core->return_requested = 0;
     core->stats.returned++;
     out->reason = reason;
     return reason;
