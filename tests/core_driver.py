@@ -138,6 +138,7 @@ def run_core(
     report: dict[str, Any] = {"exit_code": None, "signal": None, "arm_failed": None}
     returns: collections.Counter[str] = collections.Counter()
     events: list[_core.Event] = []
+    misses: set[str] = set()  # traps the core sent up for want of an answer
     while True:
         stop = core.run()
         reason = _core.Reason(stop.reason)
@@ -162,9 +163,12 @@ def run_core(
                     n.ptrace_cont(tid, 0 if event else sig)
             elif reason is _core.Reason.CPUID:
                 leaf, subleaf = stop.leaf, stop.subleaf
+                misses.add(f"{leaf:#x}.{subleaf}")
                 if leaf in PER_CPU_LEAVES:
                     cpu = stop.cpu if stop.cpu >= 0 else proc_cpu(tid)
                     regs = view.answer(leaf, subleaf, on_cpu(cpu, leaf, subleaf))
+                    if answer_flag:
+                        core.put_cpu_answer(cpu, leaf, subleaf, regs)
                 else:
                     regs = view.answer(leaf, subleaf, n.cpuid(leaf, subleaf))
                     if answer_flag:
@@ -190,6 +194,7 @@ def run_core(
         threads=1 + kinds["CLONE_THREAD"],
         stats=core.stats(),
         returns=dict(returns),
+        misses=sorted(misses),
     )
     core.close()
     return report
