@@ -5,10 +5,13 @@
 
 Workloads: the cost of one emulated CPUID; start-up on /bin/true and `python3 -c pass`;
 a shell loop starting 200 processes; a CPU-bound program. Each runs natively, under
-xcr0run, under a minimal C ptrace tracer doing the same emulation with the same system
-calls (bench/floor_tracer.c, the floor), under qemu-user (`qemu-x86_64 -cpu max`,
-installed with apt-get if missing) and under valgrind (`--tool=none`). Times are medians
-of several runs; ratios are against native and taken within this one run.
+xcr0run, under a minimal C ptrace tracer doing the compiled core's work with the same
+system calls and following every process (bench/floor_tracer.c, the floor), under the
+compiled core driven by tests/core_driver.py, under qemu-user (`qemu-x86_64 -cpu max`,
+installed with apt-get if missing) and under valgrind (`--tool=none`); the one-CPUID row
+also has a program answering its own traps in a SIGSEGV handler (bench/sigsegv_cpuid.c:
+the limit for any design that keeps ptrace out of the trap). Times are medians of
+several runs; ratios are against native and taken within this one run.
 
 CPUID faulting is needed for xcr0run and the floor; without it those cells read n/a
 and --guest runs the whole script inside the TCG guest of tests/guest instead.
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -32,16 +36,25 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
 
+# The in-process handler column is a program of its own, not a prefix: per-trap row only.
+IN_PROCESS = "in-process"
+
+
 def sh(cmd: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(cmd), capture_output=True, text=True, **kw)  # type: ignore[call-overload]
 
 
 def build(out: Path) -> dict[str, str]:
     bins = {}
-    for name in ("cpuid_loop", "cpu_bound", "floor_tracer"):
+    for name in ("cpuid_loop", "cpu_bound", "floor_tracer", "sigsegv_cpuid"):
         target = out / name
         sh(["gcc", "-O2", "-o", str(target), str(HERE / f"{name}.c")], check=True)
         bins[name] = str(target)
+    # The compiled core, with setup.py's flags, for the core column (tests/core_driver.py).
+    flags = runpy.run_path(str(ROOT / "setup.py"), run_name="bench")["CORE"].extra_compile_args
+    core = out / "libxcr0run_core.so"
+    sh(["gcc", *flags, "-fPIC", "-shared", "-o", str(core), str(ROOT / "xcr0run" / "_core.c")])
+    bins["core"] = str(core)
     return bins
 
 
@@ -123,6 +136,9 @@ def main() -> int:
     py = sys.executable
     xcr0run = [py, "-m", "xcr0run", "-q", "--mask", mask, "--"]
     floor = [bins["floor_tracer"]]
+    os.environ["XCR0RUN_CORE_LIBRARY"] = bins["core"]
+    core = [py, str(ROOT / "tests" / "core_driver.py"), "--engine", "core", "--mask", mask]
+    core += ["--report", os.devnull, "--"]
     loop200 = ["sh", "-c", "i=0; while [ $i -lt 200 ]; do /bin/true; i=$((i+1)); done"]
 
     runners: dict[str, list[str] | None] = {
@@ -130,8 +146,13 @@ def main() -> int:
         "xcr0run": xcr0run if faulting.supported else None,
         "xcr0run --no-audit": [*xcr0run[:-1], "--no-audit", "--"] if faulting.supported else None,
         "C floor": floor if faulting.supported else None,
+        # The compiled core, driven by a small script until the supervisor uses it.
+        "core": core if faulting.supported and os.path.exists(bins["core"]) else None,
+        # The program answers its own trapped CPUIDs: the limit without ptrace.
+        "in-process handler": [IN_PROCESS] if faulting.supported else None,
         # Following the tree (ptrace, audit) without trapping CPUID: runs anywhere.
         "xcr0run follow-only": [py, "-m", "xcr0run", "-q", "--mask", "host", "--audit", "--"],
+        "core follow-only": [*core[:-1], "--no-trap", "--"],
         "qemu-user": [qemu, "-cpu", "max"] if qemu else None,
         "valgrind": [valgrind, "-q", "--tool=none"] if valgrind else None,
     }
@@ -147,16 +168,20 @@ def main() -> int:
         rows.append((name, unit, cells))
         print(f"  measured {name}", file=sys.stderr)
 
-    row(
-        "one CPUID (leaf 7)",
-        "µs",
-        lambda p: _us(per_cpuid([*p, bins["cpuid_loop"], str(loops)], runs)),
-    )
-    row("start /bin/true", "ms", lambda p: _ms(wall([*p, "/bin/true"], runs)))
-    row("start python3 -c pass", "ms", lambda p: _ms(wall([*p, py, "-c", "pass"], runs)))
-    row("200 processes (sh loop)", "ms", lambda p: _ms(wall([*p, *loop200], max(3, runs // 2))))
+    def one_cpuid(p: list[str]) -> float | None:
+        if p == [IN_PROCESS]:
+            return _us(per_cpuid([bins["sigsegv_cpuid"], str(loops)], runs))
+        return _us(per_cpuid([*p, bins["cpuid_loop"], str(loops)], runs))
+
+    def timed(p: list[str], argv: list[str], repeat: int) -> float | None:
+        return None if p == [IN_PROCESS] else _ms(wall([*p, *argv], repeat))
+
+    row("one CPUID (leaf 7)", "µs", one_cpuid)
+    row("start /bin/true", "ms", lambda p: timed(p, ["/bin/true"], runs))
+    row("start python3 -c pass", "ms", lambda p: timed(p, [py, "-c", "pass"], runs))
+    row("200 processes (sh loop)", "ms", lambda p: timed(p, loop200, max(3, runs // 2)))
     work = [bins["cpu_bound"], str(args.cpu_iterations)]
-    row("CPU-bound program", "ms", lambda p: _ms(wall([*p, *work], max(3, runs // 2))))
+    row("CPU-bound program", "ms", lambda p: timed(p, work, max(3, runs // 2)))
     bare_python = _ms(wall([py, "-c", "pass"], runs))
 
     print(render(rows, list(runners), mask, faulting.detail, bare_python))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import runpy
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -15,6 +17,43 @@ from pathlib import Path
 import pytest
 
 C_DIR = Path(__file__).parent / "c"
+ROOT = Path(__file__).parent.parent
+
+
+def _core_library() -> str | None:
+    """This checkout's compiled core, for the tests and the programs they start.
+
+    `pip install .` builds it into the installed package, but tests import the package
+    from the checkout, which has none (unless `setup.py build_ext --inplace` put a current
+    one there). So it is built here with setup.py's own flags, once per version of the
+    source, and XCR0RUN_CORE_LIBRARY points every process of the session at it. Without
+    gcc nothing is set, and the core's tests skip (xcr0run falls back to the Python loop).
+    """
+    source = ROOT / "xcr0run" / "_core.c"
+    in_tree = ROOT / "xcr0run" / "libxcr0run_core.so"
+    if in_tree.exists() and in_tree.stat().st_mtime >= source.stat().st_mtime:
+        return str(in_tree)
+    if shutil.which("gcc") is None:
+        return None
+    flags = runpy.run_path(str(ROOT / "setup.py"), run_name="conftest")["CORE"].extra_compile_args
+    digest = hashlib.sha256(source.read_bytes() + repr(flags).encode()).hexdigest()[:12]
+    out = Path(tempfile.gettempdir()) / f"xcr0run-core-{digest}" / "libxcr0run_core.so"
+    if not out.exists():
+        out.parent.mkdir(exist_ok=True)
+        partial = out.with_suffix(f".{os.getpid()}.tmp")
+        subprocess.run(
+            ["gcc", *flags, "-fPIC", "-shared", "-o", str(partial), str(source)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        partial.replace(out)  # atomic: sessions running side by side share it
+    return str(out)
+
+
+CORE_LIBRARY = _core_library()
+if CORE_LIBRARY and "XCR0RUN_CORE_LIBRARY" not in os.environ:
+    os.environ["XCR0RUN_CORE_LIBRARY"] = CORE_LIBRARY
 
 
 def _host_faulting() -> str | None:

@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from xcr0run import seccomp, sigstate
-from xcr0run.cpuid import cpuid_length
+from xcr0run.cpuid import cpuid_instruction_length
 from xcr0run.seccomp import NR32, NR64, FilterSpec, Stop
 
 
@@ -22,15 +22,15 @@ from xcr0run.seccomp import NR32, NR64, FilterSpec, Stop
         (b"\x2e\x3e\x26\x64\x65\x36\x67\x0f\xa2", False, 9),
         (b"\x48\x0f\xa2", True, 0),  # in 32-bit code 0x48 is DEC EAX
         (b"\xf0\x0f\xa2", False, 0),  # LOCK CPUID is #UD, not a trap
-        (b"\x48\x48\x0f\xa2", False, 0),  # one REX only, right before the opcode
+        (b"\x48\x66\x0f\xa2", False, 4),  # a REX not last is ignored, not an error
         (b"\x66" * 14 + b"\x0f\xa2", False, 0),  # longer than 15 bytes
         (b"\x66" * 13 + b"\x0f\xa2", False, 15),
         (b"\x0f\x05", False, 0),
-        (b"", False, 0),
+        (b"", False, -1),  # too short to tell
     ],
 )
 def test_cpuid_length(code: bytes, compat: bool, length: int) -> None:
-    assert cpuid_length(code, compat) == length
+    assert cpuid_instruction_length(code, not compat) == length
 
 
 def run_bpf(program: list[tuple[int, int, int, int]], arch: int, nr: int, *args: int) -> int:

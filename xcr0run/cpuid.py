@@ -47,6 +47,43 @@ SUBLEAF_LEAVES = frozenset(_MAX_IN_EAX | set(_WHILE) | set(_FIXED))
 PER_CPU_LEAVES = frozenset({0x1, 0x4, 0xB, 0x1A, 0x1F, 0x8000001E, 0x80000026})
 
 
+# Leaves the Intel SDM and AMD APM define without sub-leaves: the hardware ignores ECX,
+# which programs often leave holding garbage (glibc's leaves 0 and 1). A cache of answers
+# looks these up as sub-leaf 0; a leaf missing here (a new leaf, a hypervisor range) is
+# cached on the exact ECX, which is never wrong, only slower.
+ECX_IGNORED_LEAVES = frozenset(
+    {0x0, 0x1, 0x2, 0x3, 0x5, 0x6, 0x9, 0xA, 0x15, 0x16, 0x19, 0x1A, 0x1C}
+    | set(range(EXTENDED_BASE, EXTENDED_BASE + 9))
+    | {0x8000000A, 0x80000019, 0x8000001A, 0x8000001E}
+)
+
+# The encodings of CPUID: legacy prefixes (segment overrides, operand and address size,
+# REP/REPNE; LOCK is none of them: it makes CPUID #UD) and, in 64-bit code, REX
+# prefixes, in any order (a REX not right before the opcode is ignored, not an error),
+# then 0f a2; at most 15 bytes, the architectural limit (longer raises #GP).
+_LEGACY_PREFIXES = frozenset((0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3))
+MAX_INSTRUCTION_LENGTH = 15
+
+
+def cpuid_instruction_length(code: bytes, is64: bool) -> int:
+    """Length of the CPUID instruction `code` starts with; 0 if it is not one; -1 if
+    `code` is all prefix and too short to tell."""
+    i = 0
+    limit = min(len(code), MAX_INSTRUCTION_LENGTH)
+    while i < limit and (code[i] in _LEGACY_PREFIXES or (is64 and code[i] & 0xF0 == 0x40)):
+        i += 1
+    if i + 2 > MAX_INSTRUCTION_LENGTH:
+        return 0
+    if i + 2 > len(code):
+        return -1 if len(code) < MAX_INSTRUCTION_LENGTH else 0
+    return i + 2 if code[i : i + 2] == b"\x0f\xa2" else 0
+
+
+def cache_key(leaf: int, subleaf: int) -> tuple[int, int]:
+    """The key a cache of trapped answers uses: ECX dropped where hardware ignores it."""
+    return (leaf, 0 if leaf in ECX_IGNORED_LEAVES else subleaf)
+
+
 def key(leaf: int, subleaf: int) -> tuple[int, int]:
     """Normalise (leaf, subleaf): hardware ignores ECX for leaves without sub-leaves."""
     return (leaf, subleaf if leaf in SUBLEAF_LEAVES else 0)
@@ -157,23 +194,3 @@ def _subleaves(leaf: int, run: Callable[[int, int], Registers]) -> Iterator[tupl
             yield n, regs
             if not _WHILE[leaf](n, regs):
                 break
-
-
-# Legacy prefixes that may stand before CPUID (SDM vol. 2, 2.1.1); LOCK (f0) makes it #UD
-# instead, so it never traps as CPUID. In 64-bit code one REX byte (40-4f) may follow
-# them; in 32-bit code those bytes are INC/DEC instructions.
-_LEGACY_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
-_MAX_INSTRUCTION = 15
-
-
-def cpuid_length(code: bytes, compat: bool = False) -> int:
-    """The length of the CPUID instruction `code` starts with (prefixes included), or 0
-    if it does not start with one. `compat`: 32-bit code."""
-    at = 0
-    while at < len(code) and code[at] in _LEGACY_PREFIXES:
-        at += 1
-    if not compat and at < len(code) and 0x40 <= code[at] <= 0x4F:
-        at += 1
-    if code[at : at + 2] == b"\x0f\xa2" and at + 2 <= _MAX_INSTRUCTION:
-        return at + 2
-    return 0

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from xcr0run import _native as n
 from xcr0run import sigstate
 from xcr0run.audit import AuditLog
-from xcr0run.cpuid import PER_CPU_LEAVES, Registers, cpuid_length
+from xcr0run.cpuid import PER_CPU_LEAVES, Registers, cpuid_instruction_length
 from xcr0run.errors import Xcr0runError
 from xcr0run.seccomp import CLONE_UNTRACED, Stop
 from xcr0run.view import CpuidView
@@ -742,7 +742,7 @@ def _cpuid_at(tid: int, rip: int, compat: bool) -> int:
             code += n.ptrace_peek(tid, base + extra).to_bytes(8, "little")
         except n.NativeError:
             break
-    return cpuid_length(code[offset : offset + 15], compat)
+    return max(cpuid_instruction_length(code[offset : offset + 15], not compat), 0)
 
 
 def _tgid(tid: int) -> int:
