@@ -13,6 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -173,3 +174,35 @@ def tracer_of(pid: int) -> int:
             if line.startswith("TracerPid:"):
                 return int(line.split()[1])
     return 0
+
+
+def pytest_in_guest(
+    marker: str, tests: str, log: Path, timeout: float, xcr0_kernel: bool = False
+) -> tuple[Any, str]:
+    """Run the tests marked `marker` in a guest (tests/guest), booting again when the
+    guest itself fails (a test failure is not retried). The output goes to `log`;
+    returns the guest's result and the output's tail, for assertion messages."""
+    from tests.guest import run_in_guest as guest
+
+    argv = [sys.executable, "-m", "pytest", "-m", marker, "-p", "no:cacheprovider", "-q"]
+    argv += ["-rs", "--color=no", tests]
+    root = Path(__file__).parent.parent
+    last: Exception | None = None
+    for _ in range(3):
+        try:
+            result = guest.run_in_guest(
+                argv,
+                cwd=root,
+                timeout=timeout,
+                env={"PYTHONDONTWRITEBYTECODE": "1"},
+                xcr0_kernel=xcr0_kernel,
+            )
+            break
+        except guest.GuestTimeout:
+            raise
+        except guest.GuestError as err:
+            last = err
+    else:
+        pytest.fail(f"the guest did not boot three times: {last}")
+    log.write_text(result.stdout + result.stderr)
+    return result, "\n".join((result.stdout + result.stderr).splitlines()[-60:])

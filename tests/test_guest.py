@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAULTING_MISSING
+from tests.conftest import FAULTING_MISSING, pytest_in_guest
 
 ROOT = Path(__file__).parent.parent
 LOG = ROOT / "tests" / "guest" / "last-run.log"
@@ -31,34 +31,7 @@ def test_faulting_tests_pass_in_a_guest_with_cpuid_faulting() -> None:
             f"no guest to run the CPUID-faulting tests in: {reason} "
             "(tests/guest/setup.sh installs what it needs)"
         )
-    argv = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-m",
-        "faulting",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rs",
-        "--color=no",
-        "tests",
-    ]
-    result = None
-    for _ in range(3):  # a guest that fails to boot is retried; a test failure is not
-        try:
-            result = guest.run_in_guest(
-                argv, cwd=ROOT, timeout=2400, env={"PYTHONDONTWRITEBYTECODE": "1"}
-            )
-            break
-        except guest.GuestTimeout:
-            raise
-        except guest.GuestError as err:
-            last = err
-    if result is None:
-        pytest.fail(f"the guest did not boot three times: {last}")
-    LOG.write_text(result.stdout + result.stderr)
-    tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
+    result, tail = pytest_in_guest("faulting", "tests", LOG, timeout=2400)
     assert result.returncode == 0, tail
     summary = re.search(r"(\d+) passed", result.stdout)
     assert summary and int(summary.group(1)) >= 20, tail

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import xcr0run
+from tests.conftest import pytest_in_guest, xcr0run
 
 ROOT = Path(__file__).parent.parent
 LOG = ROOT / "tests" / "guest" / "last-xcr0-kernel-run.log"
@@ -289,38 +289,9 @@ def test_xcr0_kernel_tests_pass_in_the_test_kernel() -> None:
     reason = guest.xcr0_kernel_available(build=True)
     if reason is not None:
         pytest.skip(f"no test kernel with ARCH_SET_XCR0: {reason}")
-    argv = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-m",
-        "xcr0_kernel",
-        "-p",
-        "no:cacheprovider",
-        "-q",
-        "-rs",
-        "--color=no",
-        "tests/test_xcr0_kernel.py",
-    ]
-    result = None
-    for _ in range(3):  # a guest that fails to boot is retried; a test failure is not
-        try:
-            result = guest.run_in_guest(
-                argv,
-                cwd=ROOT,
-                timeout=1800,
-                env={"PYTHONDONTWRITEBYTECODE": "1"},
-                xcr0_kernel=True,
-            )
-            break
-        except guest.GuestTimeout:
-            raise
-        except guest.GuestError as err:
-            last = err
-    if result is None:
-        pytest.fail(f"the test kernel did not boot three times: {last}")
-    LOG.write_text(result.stdout + result.stderr)
-    tail = "\n".join((result.stdout + result.stderr).splitlines()[-60:])
+    result, tail = pytest_in_guest(
+        "xcr0_kernel", "tests/test_xcr0_kernel.py", LOG, timeout=1800, xcr0_kernel=True
+    )
     assert result.returncode == 0, tail
     summary = re.search(r"(\d+) passed", result.stdout)
     assert summary and int(summary.group(1)) >= 15, tail

@@ -167,7 +167,13 @@ def exec_direct(
     path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment
 ) -> NoReturn:
     """Replace xcr0run by the program (no supervision needed). Returns only on error."""
-    guard = FilterSpec(deny_amx=plan.deny_amx)
+    _become(path, argv, plan, xcr0_prctl, env, FilterSpec(deny_amx=plan.deny_amx))
+
+
+def _become(
+    path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment, guard: FilterSpec
+) -> NoReturn:
+    """Dispositions, filter, XCR0, execve: the last steps of this process as xcr0run."""
     try:
         _prepare_image(guard)
     except OSError as err:
@@ -203,17 +209,7 @@ def exec_supervised(
     shell. `tracer` runs in the helper (see Tracer). Returns only by raising, before
     the program has run."""
     start_tracer(tracer, keep_fds)
-    try:
-        _prepare_image(guard)
-    except OSError as err:
-        raise UnsupportedError(str(err)) from err
-    try:
-        _execve(path, argv, env, (plan, xcr0_prctl))
-    except Xcr0SetupError as err:
-        raise UnsupportedError(err.strerror) from err
-    except OSError as err:
-        raise _exec_error(argv[0], err.errno) from err
-    raise AssertionError("execve returned")
+    _become(path, argv, plan, xcr0_prctl, env, guard)
 
 
 def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
