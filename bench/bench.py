@@ -166,7 +166,10 @@ def main() -> int:
         for runner, prefix in runners.items():
             cells[runner] = None if prefix is None else measure(prefix)
         rows.append((name, unit, cells))
-        print(f"  measured {name}", file=sys.stderr)
+        # Each row as it is measured: a run cut short (a slow guest) still leaves figures.
+        native = cells.get("native")
+        done = ", ".join(f"{r} {_cell(v, native)}" for r, v in cells.items())
+        print(f"  measured {name} [{unit}]: {done}", file=sys.stderr)
 
     def one_cpuid(p: list[str]) -> float | None:
         if p == [IN_PROCESS]:
