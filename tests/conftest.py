@@ -176,7 +176,7 @@ def tracer_of(pid: int) -> int:
     return 0
 
 
-def pytest_in_guest(
+def run_marked_in_guest(
     marker: str, tests: str, log: Path, timeout: float, xcr0_kernel: bool = False
 ) -> tuple[Any, str]:
     """Run the tests marked `marker` in a guest (tests/guest), booting again when the

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import pytest_in_guest, xcr0run
+from tests.conftest import run_marked_in_guest, xcr0run
 
 ROOT = Path(__file__).parent.parent
 LOG = ROOT / "tests" / "guest" / "last-xcr0-kernel-run.log"
@@ -289,7 +289,7 @@ def test_xcr0_kernel_tests_pass_in_the_test_kernel() -> None:
     reason = guest.xcr0_kernel_available(build=True)
     if reason is not None:
         pytest.skip(f"no test kernel with ARCH_SET_XCR0: {reason}")
-    result, tail = pytest_in_guest(
+    result, tail = run_marked_in_guest(
         "xcr0_kernel", "tests/test_xcr0_kernel.py", LOG, timeout=1800, xcr0_kernel=True
     )
     assert result.returncode == 0, tail
