@@ -48,6 +48,8 @@ def in_shell(command: str) -> tuple[str, str]:
         "PROG sh -c 'kill -KILL $$'; echo $?",
         "ulimit -c 0; PROG sh -c 'kill -SEGV $$'; echo $?",
         "PROG sh -c 'echo to-closed-stdout' >&-; echo $?",
+        "PROG sh -c 'echo to-nothing; ls -l /proc/self/fd' <&- >&- 2>&-; echo $?",
+        "PROG sh -c 'ls /proc/self/fd' <&- 2>&-; echo $?",
         "PROG sh -c 'echo out; echo err >&2; exit 4' 2>&-; echo $?",
         "PROG sh -c 'echo ran' 2>&1 | cat; echo ${PIPESTATUS[0]}",
         "PROG sh -c 'sleep 0.5; echo ran; exit 5' 2>&1 | true; echo ${PIPESTATUS[0]}",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
 import signal
@@ -216,8 +217,8 @@ def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
     """Fork the helper that traces this process, and wait until it has; its pid. The
     helper keeps `keep_fds` and a copy of stderr; nothing else of ours."""
     program = os.getpid()
-    to_us_r, to_us_w = os.pipe2(os.O_CLOEXEC)
-    to_it_r, to_it_w = os.pipe2(os.O_CLOEXEC)
+    to_us_r, to_us_w = (above_stdio(fd) for fd in os.pipe2(os.O_CLOEXEC))
+    to_it_r, to_it_w = (above_stdio(fd) for fd in os.pipe2(os.O_CLOEXEC))
     middle = os.fork()
     if middle == 0:  # pragma: no cover - runs in the child
         try:
@@ -247,6 +248,16 @@ def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
     if answer != "ok":
         raise UnsupportedError(answer.partition(":")[2] or "the tracing helper failed")
     return helper
+
+
+def above_stdio(fd: int) -> int:
+    """`fd`, moved above 0-2 if the program was started with those closed: the helper
+    puts /dev/null there, and the program must find them closed."""
+    if fd > 2:
+        return fd
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    os.close(fd)
+    return moved
 
 
 def _read_line(fd: int) -> str:

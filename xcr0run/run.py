@@ -56,7 +56,8 @@ class RunRequest:
 def open_report(path: str) -> int:
     """Open --report's file now, so a bad path is an error before the program runs."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        return launcher.above_stdio(fd)
     except OSError as err:
         raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
 
