@@ -26,11 +26,14 @@
 #include <unistd.h>
 
 #define XC_API __attribute__((visibility("default")))
-#define XC_ABI_VERSION 1
+#define XC_ABI_VERSION 2
 
 /* <linux/ptrace.h> values glibc may lack */
 #ifndef PTRACE_EVENT_STOP
 #define PTRACE_EVENT_STOP 128
+#endif
+#ifndef PTRACE_EVENT_SECCOMP
+#define PTRACE_EVENT_SECCOMP 7
 #endif
 #define XC_PTRACE_GET_RSEQ_CONFIGURATION 0x420f /* Linux 5.13 */
 #ifndef SI_KERNEL
@@ -115,7 +118,10 @@ struct answer {
 
 /* -- the tracee table: tid -> state -- */
 
-enum tracee_state { T_RUNNING = 0, T_NEW = 1, T_ARMING = 2 };
+/* T_HELD: a new child whose first stop came before its parent's fork or clone event: it
+ * stays stopped until the event says whose flags it inherits (so it never runs a CPUID
+ * with flags that are not its own). */
+enum tracee_state { T_RUNNING = 0, T_NEW = 1, T_ARMING = 2, T_HELD = 3 };
 enum rseq_state { RSEQ_UNKNOWN = 0, RSEQ_KNOWN = 1, RSEQ_UNSUPPORTED = 2 };
 
 struct tracee {
@@ -127,6 +133,14 @@ struct tracee {
     uint64_t rseq_addr;
     uint64_t code_at, saved_word; /* T_ARMING: where our code sits and what it covered */
     struct user_regs_struct *saved;
+};
+
+/* waitpid(-1) reports the newest tracees first, so a tree that keeps making threads
+ * would starve the oldest (the program's main thread): every stop pending at once is
+ * collected, then handled in turn. */
+struct pending {
+    pid_t tid;
+    int status;
 };
 
 struct exec_call {
@@ -148,6 +162,8 @@ struct xc_core {
     int ncalls;
     struct xc_event *events;
     size_t event_len, event_cap;
+    struct pending *queue; /* stops collected by waitpid, handled in order */
+    size_t queue_head, queue_len, queue_cap;
     struct xc_stats stats;
     volatile sig_atomic_t timer_fired; /* set by the wake signal's handler */
     volatile sig_atomic_t return_requested; /* set by xc_request_return */
@@ -315,6 +331,43 @@ static int push_event(struct xc_core *core, struct xc_event ev)
     return 0;
 }
 
+static int queue_push(struct xc_core *core, pid_t tid, int status)
+{
+    if (core->queue_head + core->queue_len == core->queue_cap) {
+        if (core->queue_head) { /* slide the live part to the front */
+            memmove(core->queue, core->queue + core->queue_head,
+                    core->queue_len * sizeof *core->queue);
+            core->queue_head = 0;
+        } else {
+            size_t cap = core->queue_cap ? core->queue_cap * 2 : 64;
+            struct pending *grown = realloc(core->queue, cap * sizeof *grown);
+            if (!grown)
+                return -1;
+            core->queue = grown;
+            core->queue_cap = cap;
+        }
+    }
+    core->queue[core->queue_head + core->queue_len++] = (struct pending){tid, status};
+    return 0;
+}
+
+/* A stop Python collected itself (its own waitpid on one thread): handled in turn by the
+ * next run(), as if the core had collected it. 0 or -ENOMEM. */
+XC_API int xc_requeue(struct xc_core *core, pid_t tid, int status)
+{
+    return queue_push(core, tid, status) ? -ENOMEM : 0;
+}
+
+/* Whether a stop of `tid` is collected and not handled yet (then the thread is stopped,
+ * and a waitpid on it would block). */
+XC_API int xc_is_queued(struct xc_core *core, pid_t tid)
+{
+    for (size_t i = 0; i < core->queue_len; i++)
+        if (core->queue[core->queue_head + i].tid == tid)
+            return 1;
+    return 0;
+}
+
 /* ------------------------------------------------------------------ creation, tables */
 
 static void on_wake_signal(int sig, siginfo_t *info, void *context)
@@ -372,6 +425,7 @@ XC_API void xc_free(struct xc_core *core)
     free(core->answers);
     free(core->tracees);
     free(core->events);
+    free(core->queue);
     free(core);
 }
 
@@ -809,6 +863,11 @@ static int on_new_child(struct xc_core *core, pid_t parent, int event, struct xc
     }
     c->flags = flags;
     c->inherited = 1;
+    if (c->state == T_HELD) { /* its first stop came first: it may run now */
+        c->state = T_RUNNING;
+        if (ptrace(PTRACE_CONT, child, NULL, NULL) && errno != ESRCH)
+            return failed(core, out);
+    }
     return resume(core, parent, out);
 }
 
@@ -961,9 +1020,17 @@ static int handle(struct xc_core *core, pid_t tid, int status, struct xc_stop *o
         return on_exec(core, tid, out);
     case PTRACE_EVENT_STOP:
         if (t->state == T_NEW) { /* an auto-attached child's first stop */
+            if (!t->inherited) {
+                t->state = T_HELD; /* its parent's event is still to come */
+                return XC_HANDLED;
+            }
             t->state = T_RUNNING;
             return resume(core, tid, out);
         }
+        return XC_STOP_STATUS;
+    case PTRACE_EVENT_SECCOMP:
+        if (t->state == T_ARMING) /* our own arch_prctl, met by the program's filter */
+            return resume(core, tid, out);
         return XC_STOP_STATUS;
     default:
         return XC_STOP_STATUS;
@@ -1032,24 +1099,40 @@ XC_API int xc_run(struct xc_core *core, int timeout_ms, struct xc_stop *out)
             reason = XC_STOP_WOKEN;
             break;
         }
-        int status;
-        pid_t tid = waitpid(-1, &status, __WALL);
-        if (tid < 0) {
-            memset(out, 0, sizeof *out);
-            if (errno == EINTR)
-                reason = core->timer_fired || core->return_requested ? XC_STOP_WOKEN : XC_STOP_EINTR;
-            else if (errno == ECHILD)
-                reason = XC_STOP_NO_TRACEES;
-            else {
-                out->err = errno;
-                reason = XC_STOP_ERROR;
+        if (!core->queue_len) {
+            int status;
+            pid_t tid = waitpid(-1, &status, __WALL);
+            if (tid < 0) {
+                memset(out, 0, sizeof *out);
+                if (errno == EINTR)
+                    reason = core->timer_fired || core->return_requested ? XC_STOP_WOKEN
+                                                                         : XC_STOP_EINTR;
+                else if (errno == ECHILD)
+                    reason = XC_STOP_NO_TRACEES;
+                else {
+                    out->err = errno;
+                    reason = XC_STOP_ERROR;
+                }
+                break;
             }
-            break;
+            while (tid > 0) {
+                if (queue_push(core, tid, status)) {
+                    out->err = ENOMEM;
+                    reason = XC_STOP_ERROR;
+                    goto done;
+                }
+                tid = waitpid(-1, &status, __WALL | WNOHANG);
+            }
         }
-        reason = handle(core, tid, status, out);
+        struct pending next = core->queue[core->queue_head];
+        core->queue_head++;
+        if (!--core->queue_len)
+            core->queue_head = 0;
+        reason = handle(core, next.tid, next.status, out);
         if (reason != XC_HANDLED)
             break;
     }
+done:
     if (timed)
         disarm_timer(core);
     if (reason == XC_STOP_WOKEN)

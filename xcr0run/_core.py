@@ -21,7 +21,7 @@ from xcr0run._native import NativeError
 LIBRARY = "libxcr0run_core.so"
 # A library built elsewhere: the test suite builds one from the source of a checkout.
 LIBRARY_ENV = "XCR0RUN_CORE_LIBRARY"
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 ANSWER = 1  # per-tid flag: the core may answer this thread's CPUID traps
 
@@ -129,6 +129,8 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "xc_insn_length": (_I, [ctypes.c_char_p, _SZ, _I]),
     "xc_complete_cpuid": (_I, [_P, _I, Regs4]),
     "xc_run": (_I, [_P, _I, _P]),
+    "xc_requeue": (_I, [_P, _I, _I]),
+    "xc_is_queued": (_I, [_P, _I]),
 }
 
 _loaded: list[tuple[ctypes.CDLL | None, str]] = []
@@ -203,6 +205,10 @@ class Core:
         if self._handle:
             self._lib.xc_free(self._handle)
             self._handle = None
+
+    @property
+    def open(self) -> bool:
+        return self._handle is not None
 
     def __enter__(self) -> Core:
         return self
@@ -292,6 +298,15 @@ class Core:
         ms = -1 if timeout is None else max(0, int(timeout * 1000))
         self._lib.xc_run(self._handle, ms, self._stop_at)
         return self._stop
+
+    def requeue(self, tid: int, status: int) -> None:
+        """A stop Python took with its own waitpid: the next `run` handles it in turn."""
+        _check(self._lib.xc_requeue(self._handle, tid, status), "xc_requeue", tid)
+
+    def is_queued(self, tid: int) -> bool:
+        """Whether a stop of `tid` is collected but not handled (it is stopped, and a
+        waitpid on it would block)."""
+        return bool(self._lib.xc_is_queued(self._handle, tid))
 
     def complete_cpuid(self, tid: int, regs: Iterable[int]) -> None:
         """Answer the trap that came back as Reason.CPUID with `regs`, step over the
