@@ -82,7 +82,7 @@ def counts_json(counts: dict[tuple[int, int], int]) -> dict[str, int]:
 def run_python(argv: Sequence[str], view: CpuidView, trap: bool) -> dict[str, Any]:
     from xcr0run.supervisor import Supervisor
 
-    supervisor = Supervisor(view, trap_cpuid=trap)
+    supervisor = Supervisor(view, trap_cpuid=trap, use_core=False)
     pid = start_stopped(argv)
     supervisor.seize(pid)
     os.kill(pid, signal.SIGCONT)

@@ -364,3 +364,28 @@ def test_flags_are_inherited_by_children(view_prog) -> None:
                 _native.ptrace_cont(stop.tid, 0 if sig in (signal.SIGTRAP, signal.SIGCONT) else sig)
         assert len(children) == 2
         assert exiting == dict.fromkeys({pid, *children}, 0)
+
+
+@pytest.mark.parametrize("program", ["tree", "shell"])
+def test_xcr0run_follows_a_tree_alike_with_either_loop(
+    cbuild, view_prog, tmp_path, program
+) -> None:
+    """xcr0run itself, following without trapping (any machine): with the compiled core
+    and with the Python loop that stands in where it is not built, the same tree."""
+    from tests.conftest import xcr0run
+
+    argv = {
+        "tree": [cbuild("tree.c", "-pthread"), view_prog],
+        "shell": ["sh", "-c", "/bin/true; /bin/true; exit 3"],
+    }[program]
+    runs = []
+    for env in ({}, {"XCR0RUN_CORE_LIBRARY": str(tmp_path / "missing.so")}):
+        report = tmp_path / "report.json"
+        options = ["-q", "-m", "host", "--audit", "--report", str(report)]
+        result = xcr0run([*options, "--", *argv], env=env)
+        run = json.loads(report.read_text())["run"]
+        keys = ("exit_code", "processes", "threads", "execs")
+        runs.append((result.returncode, {k: run[k] for k in keys}, result.stdout.count("view ")))
+    assert runs[0] == runs[1]
+    assert runs[0][0] == (3 if program == "shell" else 0)
+    assert runs[0][1]["execs"] >= (4 if program == "tree" else 3)

@@ -4,13 +4,15 @@ faulting (on a CPU without it, tests/test_guest.py runs these in a guest)."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
+from typing import Any
 
 import pytest
 
-from tests.conftest import CORE_LIBRARY
+from tests.conftest import CORE_LIBRARY, xcr0run
 from tests.test_core import _outcome, drive
 from xcr0run import _native, cpuid, host, masks
 from xcr0run.view import CpuidView
@@ -107,3 +109,46 @@ def test_traps_of_threads_without_the_answer_flag_go_up_to_python(view_prog, tmp
     assert _views(cleared_out) == _views(answered_out)
     assert cleared["leaves"] == answered["leaves"]
     assert cleared["returns"]["CPUID"] == sum(cleared["leaves"].values())
+
+
+# -- the supervisor itself, under each stop loop -------------------------------------------
+
+PYTHON_LOOP = {"XCR0RUN_CORE_LIBRARY": "/nonexistent/libxcr0run_core.so"}
+
+
+def _under_each_loop(argv: list[str], tmp_path, *options: str) -> dict[str, Any]:
+    """xcr0run with its compiled core and with its Python loop: exit status, the
+    program's output and the report's run section, per loop."""
+    runs = {}
+    for loop, env in (("core", {}), ("python", PYTHON_LOOP)):
+        report = tmp_path / f"{loop}.json"
+        result = xcr0run(
+            ["-q", "-m", MASK, "--report", str(report), *options, "--", *argv], env=env
+        )
+        run = json.loads(report.read_text())["run"]
+        runs[loop] = (result.returncode, _views(result.stdout) or result.stdout, run, result.stderr)
+    return runs
+
+
+@pytest.mark.parametrize(
+    "program", ["threads", "tree", "sigstate", "faulting_self", "cpuid_paths", "shell"]
+)
+def test_xcr0run_answers_alike_with_either_loop(cbuild, view_prog, tmp_path, program) -> None:
+    """The same programs under the supervisor with the core and with the Python loop:
+    same exit status, same output, same CPUID traps per leaf, same tree followed."""
+    argv = {
+        "threads": [view_prog, "-t", "3"],
+        "tree": [cbuild("tree.c", "-pthread"), view_prog],
+        "sigstate": [cbuild("sigstate_trap.c", "-pthread")],
+        "faulting_self": [cbuild("faulting_self.c")],
+        "cpuid_paths": [cbuild("cpuid_paths.c", "-pthread")],
+        "shell": ["sh", "-c", "for i in 1 2 3; do /bin/true; done; exit 3"],
+    }[program]
+    runs = _under_each_loop(argv, tmp_path)
+    core, python = runs["core"], runs["python"]
+    assert core[0] == python[0], (core[3], python[3])
+    assert core[1] == python[1]
+    keys = ("exit_code", "signal", "processes", "threads", "execs", "cpuid_leaves")
+    assert {k: core[2][k] for k in keys} == {k: python[2][k] for k in keys}
+    assert core[2]["cpuid_traps"] > 0
+    assert "no usable compiled core" not in core[3]

@@ -130,7 +130,9 @@ class ProgramTracer:
             grant_amx=plan.grant_amx,
             audit=self.audit,
             on_ptrace=self.explain_ptrace,
-            on_exec=self.check_privileges,
+            # Only a tracer without root withholds privileges (the core then shows every
+            # exec to Python; as root it re-arms new images without asking).
+            on_exec=self.check_privileges if os.geteuid() != 0 else None,
             on_program_exit=self.conclude,
         )
         try:

@@ -15,6 +15,7 @@ followed, nor is the signal state of 32-bit (int 0x80) code.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 SIGKILL, SIGSEGV, SIGSTOP = 9, 11, 19
 SIG_DFL, SIG_IGN = 0, 1
@@ -128,3 +129,67 @@ def repair_after_trap(segv: Disposition, blocked: int) -> TrapRepair:
     if not was_blocked and segv.handler != SIG_IGN:
         return NO_REPAIR
     return TrapRepair(None if segv.handler == SIG_DFL else segv, was_blocked)
+
+
+class ThreadSignals(Protocol):
+    """What the policy needs of a traced thread: its process and its signal mask."""
+
+    tgid: int
+    blocked: int
+
+
+class SignalPolicy:
+    """The program tree's signal state as the tracer follows it, per process (by tgid)
+    and per thread (`blocked`), and what a CPUID trap would need put back."""
+
+    def __init__(self) -> None:
+        self._processes: dict[int, ProcessSignals] = {}
+
+    def known(self, tgid: int) -> bool:
+        return tgid in self._processes
+
+    def first_image(self, tgid: int, ignored: int) -> None:
+        """The program's first image: xcr0run's own state before it is not followed."""
+        self._processes[tgid] = ProcessSignals.ignoring(ignored)
+
+    def exec_done(self, old_tgid: int, tgid: int) -> None:
+        before = self._processes.pop(old_tgid, None)
+        if before is not None:
+            self._processes[tgid] = before.after_exec()
+
+    def forked(self, parent_tgid: int, child_tgid: int) -> None:
+        signals = self._processes.get(parent_tgid)
+        if signals is not None:
+            self._processes[child_tgid] = signals.copy()
+
+    def forget(self, tgid: int) -> None:
+        self._processes.pop(tgid, None)
+
+    def sigaction(self, tgid: int, sig: int, words: tuple[int, int, int, int]) -> None:
+        signals = self._processes.get(tgid)
+        if signals is not None and sig not in (SIGKILL, SIGSTOP):
+            signals.set(sig, Disposition(*words))
+
+    def delivering(self, thread: ThreadSignals, sig: int, forced_fault: bool) -> None:
+        """A signal is about to be delivered to `thread` (its handler, if any, runs with
+        a wider mask). `forced_fault`: a SIGSEGV the kernel forced (a fault), which reset
+        SIGSEGV before this point if it was blocked or ignored, as it does without us."""
+        signals = self._processes.get(thread.tgid)
+        if signals is None:
+            return
+        if sig == SIGSEGV and forced_fault:
+            segv = signals.get(SIGSEGV)
+            if thread.blocked & SEGV_BIT or segv.handler == SIG_IGN:
+                signals.set(SIGSEGV, Disposition(flags=segv.flags, mask=segv.mask))
+                thread.blocked &= ~SEGV_BIT
+        action = signals.get(sig)
+        thread.blocked = on_delivery(thread.blocked, sig, action)
+        if action.is_function and action.flags & SA_RESETHAND:
+            signals.set(sig, Disposition())
+
+    def repair(self, thread: ThreadSignals) -> TrapRepair:
+        """What a CPUID trap in `thread` now would need put back."""
+        signals = self._processes.get(thread.tgid)
+        if signals is None:
+            return NO_REPAIR
+        return repair_after_trap(signals.get(SIGSEGV), thread.blocked)

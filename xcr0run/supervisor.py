@@ -30,14 +30,19 @@ import signal
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from xcr0run import _native as n
 from xcr0run import sigstate
 from xcr0run.audit import AuditLog
-from xcr0run.cpuid import PER_CPU_LEAVES, Registers, cpuid_instruction_length
+from xcr0run.cpuid import Registers, cpuid_instruction_length
 from xcr0run.errors import Xcr0runError
+from xcr0run.responder import CpuidResponder, Key
 from xcr0run.seccomp import CLONE_UNTRACED, Stop
 from xcr0run.view import CpuidView
+
+if TYPE_CHECKING:
+    from xcr0run import _core
 
 _SYSCALL_BYTES = 0x050F  # 0f 05
 _INT80_BYTES = 0x80CD  # cd 80
@@ -96,6 +101,7 @@ class Tracee:
     names: tuple[str, str] | None = None  # comm and exe, read at the first audit sample
     blocked: int = 0  # the signal mask as the program set it (sigstate.py)
     program_faulting: bool = False  # the program itself asked for ARCH_SET_CPUID(0)
+    core_flags: int = 0  # the compiled core's flags for it, as last set
 
 
 @dataclass
@@ -141,19 +147,18 @@ class Supervisor:
         on_exec: Callable[[int, str], None] | None = None,
         on_program_exit: ProgramExit | None = None,
         grant_amx: bool = False,
+        use_core: bool = True,
     ) -> None:
         self.view = view
         self.trap_cpuid = trap_cpuid
         self.audit = audit
-        self._answers: dict[tuple[int, int], Registers] = {}
-        self._per_cpu: dict[tuple[int, int, int], Registers] = {}
+        self.responder = CpuidResponder(view, on_answer=self._hand_down)
+        self.signals = sigstate.SignalPolicy()
         self._tracees: dict[int, Tracee] = {}
         self._live: dict[int, int] = {}  # tgid -> threads traced
-        self._signals: dict[int, sigstate.ProcessSignals] = {}  # by tgid
         self._regs = n.UserRegs()
         self._siginfo = n.SigInfo()
         self._xstate = n.XStateHeadReader()
-        self._leaf_counts: dict[tuple[int, int], int] = {}
         self._on_ptrace = on_ptrace  # (pid, program name): a traced program tried to trace
         self._on_exec = on_exec  # (pid, path): every new program image
         self._on_program_exit = on_program_exit
@@ -171,13 +176,42 @@ class Supervisor:
                 (n.ARCH_REQ_XCOMP_PERM, _XFEATURE_TILEDATA, "request AMX permission", False)
             )
         self.outcome = Outcome(pid=0)
+        self._core: _core.Core | None = self._start_core() if use_core else None
+
+    def _start_core(self) -> _core.Core | None:
+        """The compiled core, set up with the same options, calls and answers as this
+        loop; None where it is not built (the Python loop runs, as --show says)."""
+        from xcr0run import _core
+
+        if not _core.status()[0]:
+            return None
+        cpus = os.sched_getaffinity(0)
+        core = _core.Core(max(max(cpus) + 1, os.cpu_count() or 1), self._answer_flag)
+        core.set_options(self._options)
+        core.set_ignores_ecx(self.responder.ignores_ecx)
+        for code, arg, _what, required in self._after_exec:
+            core.add_exec_call(code, arg, required)
+        # Python looks at the first image (its signal state) and, when asked to, at each.
+        core.set_stop_at_exec(True)
+        return core
+
+    @property
+    def engine(self) -> str:
+        return "compiled core" if self._core is not None else "Python loop"
+
+    @property
+    def _answer_flag(self) -> int:
+        return 1 if self.trap_cpuid else 0  # _core.ANSWER, without importing it here
 
     # -- starting ---------------------------------------------------------------------------
 
     def seize(self, pid: int) -> None:
         """Trace `pid` (the program, still xcr0run until it execs) and what it starts."""
         try:
-            n.ptrace_seize(pid, self._options)
+            if self._core is not None:
+                self._core.seize(pid, self._answer_flag)
+            else:
+                n.ptrace_seize(pid, self._options)
         except n.NativeError as err:
             if err.errno != errno.EPERM:
                 raise
@@ -186,7 +220,7 @@ class Supervisor:
                 "a tracer or another xcr0run, and a process has one tracer)"
             ) from err
         self.outcome = Outcome(pid=pid, processes=1, threads=1)
-        self._add(Tracee(pid, pid, announced=True))
+        self._add(Tracee(pid, pid, announced=True, core_flags=self._answer_flag))
 
     def _add(self, tracee: Tracee) -> Tracee:
         self._tracees[tracee.tid] = tracee
@@ -201,7 +235,7 @@ class Supervisor:
                 self._live[tracee.tgid] = left
             else:
                 del self._live[tracee.tgid]
-                self._signals.pop(tracee.tgid, None)
+                self.signals.forget(tracee.tgid)
         return tracee
 
     def _retag(self, tracee: Tracee, tgid: int) -> None:
@@ -213,6 +247,27 @@ class Supervisor:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> Outcome:
+        try:
+            if self._core is not None:
+                self._run_core(self._core)
+            else:
+                self._run_python()
+            self.outcome.count_leaves(self._counts())
+            if not self._program_exit_done:
+                self._program_ending(None, None)
+        finally:
+            if self._core is not None:
+                self._core.close()
+        return self.outcome
+
+    def _counts(self) -> dict[Key, int]:
+        counts = dict(self.responder.counts)
+        if self._core is not None and self._core.open:
+            for k, traps in self._core.counts().items():
+                counts[k] = counts.get(k, 0) + traps
+        return counts
+
+    def _run_python(self) -> None:
         waitpid, wall, nohang = os.waitpid, n.WALL, n.WALL | os.WNOHANG
         queue = self._queue
         while self._tracees:
@@ -232,10 +287,114 @@ class Supervisor:
                         break
             tid, status = queue.popleft()
             self._handle(tid, status)
-        self.outcome.count_leaves(self._leaf_counts)
-        if not self._program_exit_done:
-            self._program_ending(None, None)
-        return self.outcome
+
+    def _run_core(self, core: _core.Core) -> None:
+        """The compiled core answers, follows forks and re-arms; what it returns is
+        dealt with here, with the same handlers as the Python loop."""
+        from xcr0run._core import Reason
+
+        while True:
+            stop = core.run()
+            reason, tid = stop.reason, stop.tid
+            self._take_events(core)
+            if reason == Reason.NO_TRACEES:
+                return
+            try:
+                if reason == Reason.STATUS:
+                    self._handle(tid, stop.status)
+                elif reason == Reason.CPUID:
+                    self._core_trap(core, tid, stop.leaf, stop.subleaf)
+                elif reason == Reason.EXEC:
+                    # Python has looked (the exec event, taken above); from now on only
+                    # if it must see every image.
+                    core.set_stop_at_exec(self._on_exec is not None)
+                    n.ptrace_cont(tid)
+                elif reason == Reason.ARM_FAILED:
+                    what = next(w for c, _a, w, _r in self._after_exec if c == stop.code)
+                    os.kill(tid, signal.SIGKILL)
+                    raise SupervisorError(
+                        f"could not {what} in pid {tid}: {os.strerror(-stop.result)}"
+                    )
+                elif reason == Reason.ERROR:
+                    raise SupervisorError(f"tracing pid {tid} failed: {os.strerror(stop.err)}")
+                # WOKEN, EINTR: Python's signal handlers (the audit's ticker) have run.
+            except n.NativeError as err:
+                if err.errno != errno.ESRCH:
+                    raise
+
+    def _take_events(self, core: _core.Core) -> None:
+        """What the core did since Python last looked, in order."""
+        from xcr0run._core import EventKind
+
+        for event in core.take_events():
+            kind, tid, other = event.kind, event.tid, event.other
+            if kind == EventKind.EXEC:
+                tracee = self._tracees.get(tid) or self._stranger(tid)
+                self._exec_done(tracee, other)
+            elif kind == EventKind.CALL_FAILED:
+                what = next(w for c, _a, w, _r in self._after_exec if c == event.code)
+                self.outcome.warnings.append(
+                    f"could not {what} in pid {tid}: {os.strerror(-event.result)}"
+                )
+            else:
+                parent = self._tracees.get(tid) or self._stranger(tid)
+                tgid = parent.tgid if kind == EventKind.CLONE_THREAD else other
+                self._new_child(parent, other, tgid)
+
+    def _stranger(self, tid: int) -> Tracee:
+        """A thread the core follows that this side has not heard of (cannot happen
+        while events are taken in order; kept safe regardless)."""
+        return self._add(Tracee(tid, _tgid(tid), announced=True))
+
+    def _hand_down(self, k: Key, answer: Registers | dict[int, Registers]) -> None:
+        """A new answer from the responder: the core answers it from now on."""
+        core = self._core
+        if core is None or not core.open:
+            return
+        if isinstance(answer, dict):
+            for cpu, regs in answer.items():
+                with contextlib.suppress(n.NativeError):  # a CPU number beyond its table
+                    core.put_cpu_answer(cpu, k[0], k[1], regs)
+        else:
+            core.put_answer(k[0], k[1], answer)
+
+    def _core_trap(self, core: _core.Core, tid: int, leaf: int, subleaf: int) -> None:
+        """A CPUID trap the core did not answer: no answer in its table yet, or this
+        thread's flag is clear (its signal state needs repair, or it armed faulting
+        itself)."""
+        tracee = self._tracees.get(tid) or self._stranger(tid)
+        if not self.trap_cpuid or tracee.program_faulting or tracee.phase is not Phase.RUNNING:
+            self._signal_stop(tracee, signal.SIGSEGV)  # its own SIGSEGV, as natively
+            return
+        answer = self.responder.answer(leaf, subleaf, lambda: core.thread_cpu(tid))
+        repair = self.signals.repair(tracee)
+        if repair.needed:
+            regs = n.ptrace_getregs(tid, self._regs)
+            if regs.cs != _USER32_CS:
+                regs.rax, regs.rbx, regs.rcx, regs.rdx = answer
+                length = _cpuid_at(tid, regs.rip, False)
+                self.responder.count(leaf, subleaf)
+                self._answer_and_repair(tracee, regs, length, repair)
+                return
+        core.complete_cpuid(tid, answer)
+
+    def _sync(self, tracee: Tracee) -> None:
+        """Tell the core whether it may answer this thread's traps itself: not when a
+        trap would need its signal state repaired, nor when it armed faulting itself."""
+        core = self._core
+        if core is None:
+            return
+        flags = self._answer_flag
+        if tracee.program_faulting or self.signals.repair(tracee).needed:
+            flags = 0
+        if flags != tracee.core_flags:
+            tracee.core_flags = flags
+            with contextlib.suppress(n.NativeError):
+                core.set_flags(tracee.tid, flags)
+
+    def _sync_process(self, tgid: int) -> None:
+        for tracee in [t for t in self._tracees.values() if t.tgid == tgid]:
+            self._sync(tracee)
 
     def _handle(self, tid: int, status: int) -> None:
         if not os.WIFSTOPPED(status):
@@ -270,7 +429,6 @@ class Supervisor:
         elif os.WIFSIGNALED(status):
             self.outcome.signal = os.WTERMSIG(status)
         if not self._program_exit_done:
-            self.outcome.count_leaves(self._leaf_counts)
             self._program_ending(self.outcome.exit_code, None)
 
     def _stopped(self, tid: int, status: int) -> None:
@@ -278,8 +436,11 @@ class Supervisor:
         event = status >> 16
         tracee = self._tracees.get(tid)
         if tracee is None:
-            # A new child's first stop can arrive before its parent's fork event.
-            tracee = self._add(Tracee(tid, tid, Phase.NEW))
+            if self._core is not None:
+                tracee = self._stranger(tid)
+            else:
+                # A new child's first stop can arrive before its parent's fork event.
+                tracee = self._add(Tracee(tid, tid, Phase.NEW))
         if sig == _SIGTRAP_SYSCALL:
             self._syscall_stop(tracee)
         elif event == n.PTRACE_EVENT_SECCOMP:
@@ -288,12 +449,15 @@ class Supervisor:
             if self.audit is not None and self.outcome.execs and event != n.PTRACE_EVENT_EXEC:
                 self._sample(tracee)
             self._event(tracee, event, sig)
-        elif sig == signal.SIGSEGV and self._cpuid_trap(tracee):
+        elif sig == signal.SIGSEGV and self._core is None and self._cpuid_trap(tracee):
             return
         else:
-            if self.audit is not None and self.outcome.execs:
-                self._sample(tracee)
-            self._deliver(tracee, sig)
+            self._signal_stop(tracee, sig)
+
+    def _signal_stop(self, tracee: Tracee, sig: int) -> None:
+        if self.audit is not None and self.outcome.execs:
+            self._sample(tracee)
+        self._deliver(tracee, sig)
 
     def _resume(self, tracee: Tracee, sig: int = 0) -> None:
         if tracee.phase in (Phase.RUNNING, Phase.NEW):
@@ -303,33 +467,27 @@ class Supervisor:
 
     def _deliver(self, tracee: Tracee, sig: int) -> None:
         """An ordinary signal: deliver it, noting the mask its handler will run with."""
-        signals = self._signals.get(tracee.tgid)
-        if signals is not None:
+        if self.signals.known(tracee.tgid):
+            forced = False
             if sig == signal.SIGSEGV:
-                self._forced_segv(tracee, signals)
-            action = signals.get(sig)
-            tracee.blocked = sigstate.on_delivery(tracee.blocked, sig, action)
-            if action.is_function and action.flags & sigstate.SA_RESETHAND:
-                signals.set(sig, sigstate.Disposition())
+                # A fault's SIGSEGV, not one sent by a process (si_code <= 0).
+                info = n.ptrace_getsiginfo(tracee.tid, self._siginfo)
+                forced = info.si_code > 0 or info.si_code == n.SI_KERNEL
+            self.signals.delivering(tracee, sig, forced)
+            if sig == signal.SIGSEGV:
+                self._sync_process(tracee.tgid)
+            else:
+                self._sync(tracee)
         self._resume(tracee, sig)
-
-    def _forced_segv(self, tracee: Tracee, signals: sigstate.ProcessSignals) -> None:
-        """A fault's SIGSEGV: if it was blocked or ignored, the kernel reset both before
-        this stop, as it does without us; follow."""
-        info = n.ptrace_getsiginfo(tracee.tid, self._siginfo)
-        if info.si_code <= 0 and info.si_code != n.SI_KERNEL:
-            return  # sent by a process, not a fault
-        segv = signals.get(signal.SIGSEGV)
-        if tracee.blocked & sigstate.SEGV_BIT or segv.handler == sigstate.SIG_IGN:
-            signals.set(signal.SIGSEGV, sigstate.Disposition(flags=segv.flags, mask=segv.mask))
-            tracee.blocked &= ~sigstate.SEGV_BIT
 
     # -- events -------------------------------------------------------------------------------
 
     def _event(self, tracee: Tracee, event: int, sig: int) -> None:
         tid = tracee.tid
         if event in (n.PTRACE_EVENT_FORK, n.PTRACE_EVENT_VFORK, n.PTRACE_EVENT_CLONE):
-            self._new_child(tracee, event, n.ptrace_geteventmsg(tid))
+            child = n.ptrace_geteventmsg(tid)
+            # clone() without CLONE_THREAD makes a process, reported as a clone event too.
+            self._new_child(tracee, child, _tgid(child) if event == n.PTRACE_EVENT_CLONE else child)
             self._resume(tracee)
         elif event == n.PTRACE_EVENT_EXEC:
             self._exec_event(tracee)
@@ -352,61 +510,67 @@ class Supervisor:
         else:
             self._resume(tracee)
 
-    def _new_child(self, parent: Tracee, event: int, child: int) -> None:
-        # clone() without CLONE_THREAD makes a process, reported as a clone event too.
-        tgid = _tgid(child) if event == n.PTRACE_EVENT_CLONE else child
+    def _new_child(self, parent: Tracee, child: int, tgid: int) -> None:
         tracee = self._tracees.get(child)
         if tracee is None:
-            tracee = self._add(Tracee(child, tgid, Phase.NEW))
+            # The core has resumed it already; the Python loop sees its first stop.
+            phase = Phase.RUNNING if self._core is not None else Phase.NEW
+            tracee = self._add(Tracee(child, tgid, phase))
         self._retag(tracee, tgid)
         tracee.announced = True
         # A new thread or process starts with its creator's mask and faulting state.
         tracee.blocked = parent.blocked
         tracee.program_faulting = parent.program_faulting
+        tracee.core_flags = parent.core_flags  # the core copies them too
         if tgid == parent.tgid:
             self.outcome.threads += 1
         else:
             self.outcome.processes += 1
-            signals = self._signals.get(parent.tgid)
-            if signals is not None:
-                self._signals[tgid] = signals.copy()
+            self.signals.forked(parent.tgid, tgid)
         if tracee.held:
             tracee.held = False
             tracee.phase = Phase.RUNNING
             self._resume(tracee)
 
     def _exec_event(self, tracee: Tracee) -> None:
+        self._exec_done(tracee, n.ptrace_geteventmsg(tracee.tid))
+        if self._after_exec:
+            tracee.phase = Phase.EXECED  # set the new image up once execve returns
+            n.ptrace_syscall(tracee.tid)
+        else:
+            self._resume(tracee)
+
+    def _exec_done(self, tracee: Tracee, former: int) -> None:
+        """Bookkeeping of an exec (the thread stopped at it if the image is the
+        program's first)."""
         tid = tracee.tid
-        former = n.ptrace_geteventmsg(tid)
         old_tgid = tracee.tgid
         # Every other thread of the process is gone now (exec from a non-leader thread
         # even took over the leader's tid).
-        before = self._signals.get(old_tgid)
+        first = not self.signals.known(old_tgid)
+        # A thread other than the leader may have exec'd and taken over the leader's tid:
+        # the mask is that thread's.
+        execing = self._tracees.get(former) if former != tid else None
         for other in [t for t in self._tracees.values() if t.tgid == old_tgid]:
             if other.tid != tid:
                 self._remove(other.tid)
         if former != tid:
-            # A thread other than the leader exec'd and took over the leader's tid.
-            execing = self._remove(former)
-            if execing is not None:
-                tracee.blocked = execing.blocked
+            self._remove(former)
+        if execing is not None:
+            tracee.blocked = execing.blocked
+        if first:
+            # The program's first image: xcr0run's own state before it is not followed.
+            self.signals.first_image(tid, _ignored_signals(tid))
+            tracee.blocked = n.ptrace_getsigmask(tid)
+        else:
+            self.signals.exec_done(old_tgid, tid)
         self._retag(tracee, tid)
         tracee.names = None
         tracee.program_faulting = False  # execve resets faulting
-        if before is None:
-            # The program's first image: xcr0run's own state before it is not followed.
-            self._signals[tid] = sigstate.ProcessSignals.ignoring(_ignored_signals(tid))
-            tracee.blocked = n.ptrace_getsigmask(tid)
-        else:
-            self._signals[tid] = before.after_exec()
+        self._sync(tracee)
         self.outcome.execs += 1
         if self._on_exec is not None:
             self._on_exec(tid, _exe(tid))
-        if self._after_exec:
-            tracee.phase = Phase.EXECED  # set the new image up once execve returns
-            n.ptrace_syscall(tid)
-        else:
-            self._resume(tracee)
 
     def _exit_event(self, tracee: Tracee) -> None:
         """A thread is exiting (PTRACE_EVENT_EXIT; sampled already). A fatal signal ends
@@ -438,17 +602,22 @@ class Supervisor:
             self._sample(caller)
             self._sample_others(caller)
         assert self._on_program_exit is not None
-        self.outcome.count_leaves(self._leaf_counts)
+        self.outcome.count_leaves(self._counts())
         return self._on_program_exit(self.outcome, code)
 
     def _sample_others(self, caller: Tracee) -> None:
         """Stop and sample the program's other threads before its exit kills them (they
         do not stop at their exit: a fatal signal is pending)."""
+        core = self._core
         stopped = {tid for tid, _ in self._queue}
         for other in [t for t in self._tracees.values() if t.tgid == caller.tgid]:
             if other is caller:
                 continue
-            if other.held or other.tid in stopped:
+            if (
+                other.held
+                or other.tid in stopped
+                or (core is not None and core.is_queued(other.tid))
+            ):
                 self._sample(other)  # stopped already, its stop waiting in the queue
                 continue
             try:
@@ -456,14 +625,16 @@ class Supervisor:
                 tid, status = os.waitpid(other.tid, n.WALL)
             except (n.NativeError, ChildProcessError):
                 continue
-            if not os.WIFSTOPPED(status):
-                self._queue.append((tid, status))
-                continue
-            self._sample(other)
-            if status >> 16 == n.PTRACE_EVENT_STOP and os.WSTOPSIG(status) == signal.SIGTRAP:
-                self._resume(other)  # our interrupt
+            if os.WIFSTOPPED(status):
+                self._sample(other)
+                if status >> 16 == n.PTRACE_EVENT_STOP and os.WSTOPSIG(status) == signal.SIGTRAP:
+                    self._resume(other)  # our interrupt
+                    continue
+            # An exit, or a stop of its own: handled in turn by whichever loop runs.
+            if core is not None:
+                core.requeue(tid, status)
             else:
-                self._queue.append((tid, status))  # a stop of its own: handle in turn
+                self._queue.append((tid, status))
 
     # -- stops the seccomp filter asked for ------------------------------------------------------
 
@@ -499,12 +670,15 @@ class Supervisor:
                     n.ptrace_poke(tid, regs.rdi, flags & ~CLONE_UNTRACED)
         elif why == Stop.SIGACTION:
             self._follow_sigaction(tracee, regs)
+            self._sync_process(tracee.tgid)
         elif why == Stop.SIGPROCMASK:
             self._follow_sigprocmask(tracee, regs)
+            self._sync(tracee)
         elif why == Stop.SIGRETURN:
             with contextlib.suppress(n.NativeError):
                 mask = n.ptrace_peek(tid, regs.rsp + sigstate.UC_SIGMASK_OFFSET)
                 tracee.blocked = sigstate.after_sigprocmask(0, sigstate.SIG_SETMASK, mask)
+            self._sync(tracee)
         elif why in (Stop.EXIT, Stop.EXIT_GROUP, Stop.EXIT_32, Stop.EXIT_GROUP_32):
             self._exit_call(tracee, regs, why)
         elif why == Stop.PTRACE:
@@ -524,20 +698,21 @@ class Supervisor:
             result = 0 if tracee.program_faulting else 1
         else:
             tracee.program_faulting = arg == 0
+            self._sync(tracee)
             result = 0
         self._skip_call(tracee.tid, regs, result)
 
     def _follow_sigaction(self, tracee: Tracee, regs: n.UserRegs) -> None:
         sig, act, size = regs.rdi & 0xFFFFFFFF, regs.rsi, regs.r10
-        signals = self._signals.get(tracee.tgid)
-        if signals is None or size != 8 or not 1 <= sig <= 64:
+        if not self.signals.known(tracee.tgid) or size != 8 or not 1 <= sig <= 64 or not act:
             return
         try:
-            words = [n.ptrace_peek(tracee.tid, act + 8 * i) for i in range(4)]
+            handler, flags, restorer, mask = (
+                n.ptrace_peek(tracee.tid, act + 8 * i) for i in range(4)
+            )
         except n.NativeError:
             return  # the call fails with EFAULT
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):
-            signals.set(sig, sigstate.Disposition(*words))
+        self.signals.sigaction(tracee.tgid, sig, (handler, flags, restorer, mask))
 
     def _follow_sigprocmask(self, tracee: Tracee, regs: n.UserRegs) -> None:
         how, new, size = regs.rdi & 0xFFFFFFFF, regs.rsi, regs.r10
@@ -671,13 +846,10 @@ class Supervisor:
         if tracee.program_faulting:
             return False  # the program armed faulting itself: its SIGSEGV, as natively
         leaf, subleaf = regs.rax & 0xFFFFFFFF, regs.rcx & 0xFFFFFFFF
-        regs.rax, regs.rbx, regs.rcx, regs.rdx = self.answer(tid, leaf, subleaf)
-        counts = self._leaf_counts
-        counts[leaf, subleaf] = counts.get((leaf, subleaf), 0) + 1
-        signals = self._signals.get(tracee.tgid)
-        repair = sigstate.NO_REPAIR
-        if signals is not None and not compat:
-            repair = sigstate.repair_after_trap(signals.get(signal.SIGSEGV), tracee.blocked)
+        answer = self.responder.answer(leaf, subleaf, lambda: _current_cpu(tid))
+        regs.rax, regs.rbx, regs.rcx, regs.rdx = answer
+        self.responder.count(leaf, subleaf)
+        repair = sigstate.NO_REPAIR if compat else self.signals.repair(tracee)
         if not repair.needed:
             regs.rip += length
             n.ptrace_setregs(tid, regs)
@@ -710,23 +882,6 @@ class Supervisor:
         ]
         self._inject_next(tracee)
         return True
-
-    def answer(self, tid: int, leaf: int, subleaf: int) -> Registers:
-        # Cached on the exact (leaf, sub-leaf): a leaf the tables think ignores ECX might
-        # not (new leaves, hypervisor ranges).
-        k = (leaf, subleaf)
-        if leaf in PER_CPU_LEAVES:
-            cpu = _current_cpu(tid)
-            cached = self._per_cpu.get((cpu, *k))
-            if cached is None:
-                raw = _on_cpu(cpu, lambda: n.cpuid(leaf, subleaf))
-                cached = self._per_cpu[(cpu, *k)] = self.view.answer(leaf, subleaf, raw)
-            return cached
-        cached = self._answers.get(k)
-        if cached is None:
-            raw = n.cpuid(leaf, subleaf)
-            cached = self._answers[k] = self.view.answer(leaf, subleaf, raw)
-        return cached
 
 
 def _cpuid_at(tid: int, rip: int, compat: bool) -> int:
@@ -792,18 +947,3 @@ def _current_cpu(tid: int) -> int:
         return int(fields[36])
     except (OSError, IndexError, ValueError):
         return -1
-
-
-def _on_cpu(cpu: int, run: Callable[[], Registers]) -> Registers:
-    """Run `run` on `cpu` (the answer names that CPU's APIC ID)."""
-    if cpu < 0:
-        return run()  # /proc unreadable: answer from where we are
-    before = os.sched_getaffinity(0)
-    try:
-        os.sched_setaffinity(0, {cpu})
-    except OSError:
-        return run()  # a CPU we may not use: answer from where we are
-    try:
-        return run()
-    finally:
-        os.sched_setaffinity(0, before)
