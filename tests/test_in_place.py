@@ -172,9 +172,15 @@ def _job_control(prefix: str) -> list[str]:
         term.run(f"{prefix}cat &")
         time.sleep(2.0)
         seen.append(term.run("jobs"))
-        seen.append(term.run("kill -9 %1; wait %1 2>/dev/null; echo status=$?"))
+        killed = term.run("kill -9 %1; wait %1 2>/dev/null; echo status=$?")
+        killed += term.run("sleep 1; echo end")
+        # When bash prints "Killed" (before or after a prompt) depends on when its
+        # SIGCHLD arrives, natively too: that it says so is compared, not where.
+        notice = re.search(r"\[1\]\+ +Killed +[^\r\n]*cat\s*\r\n", killed)
+        seen.append(killed.replace(notice.group(0), "") if notice else killed)
         # What the shell said, without the echo of the command line and pids.
-        return [re.sub(r"\b\d{4,}\b", "PID", " ".join(s.split("\r\n")[1:-1])) for s in seen]
+        said = [re.sub(r"\b\d{4,}\b", "PID", " ".join(s.split("\r\n")[1:-1])) for s in seen]
+        return [*said, f"killed notice: {bool(notice)}"]
     finally:
         term.close()
 
