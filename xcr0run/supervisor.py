@@ -324,22 +324,30 @@ class Supervisor:
 
     def _take_events(self, core: _core.Core) -> None:
         """What the core did since Python last looked, in order."""
-        from xcr0run._core import EventKind
 
         for event in core.take_events():
-            kind, tid, other = event.kind, event.tid, event.other
-            if kind == EventKind.EXEC:
-                tracee = self._tracees.get(tid) or self._stranger(tid)
-                self._exec_done(tracee, other)
-            elif kind == EventKind.CALL_FAILED:
-                what = next(w for c, _a, w, _r in self._after_exec if c == event.code)
-                self.outcome.warnings.append(
-                    f"could not {what} in pid {tid}: {os.strerror(-event.result)}"
-                )
-            else:
-                parent = self._tracees.get(tid) or self._stranger(tid)
-                tgid = parent.tgid if kind == EventKind.CLONE_THREAD else other
-                self._new_child(parent, other, tgid)
+            try:
+                self._core_event(event)
+            except n.NativeError as err:
+                if err.errno != errno.ESRCH:  # killed meanwhile: its exit report follows
+                    raise
+
+    def _core_event(self, event: _core.Event) -> None:
+        from xcr0run._core import EventKind
+
+        kind, tid, other = event.kind, event.tid, event.other
+        if kind == EventKind.EXEC:
+            tracee = self._tracees.get(tid) or self._stranger(tid)
+            self._exec_done(tracee, other)
+        elif kind == EventKind.CALL_FAILED:
+            what = next(w for c, _a, w, _r in self._after_exec if c == event.code)
+            self.outcome.warnings.append(
+                f"could not {what} in pid {tid}: {os.strerror(-event.result)}"
+            )
+        else:
+            parent = self._tracees.get(tid) or self._stranger(tid)
+            tgid = parent.tgid if kind == EventKind.CLONE_THREAD else other
+            self._new_child(parent, other, tgid)
 
     def _stranger(self, tid: int) -> Tracee:
         """A thread the core follows that this side has not heard of (cannot happen
