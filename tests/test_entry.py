@@ -172,6 +172,21 @@ def test_modules_in_the_current_directory_are_not_imported(entry: str, tmp_path:
     assert subprocess.run([sys.executable, "-m", "xcr0run"], cwd=tmp_path).returncode != 0
 
 
+@pytest.mark.parametrize("safe_path", ["", "1"])
+def test_pythonpath_comes_first_as_for_a_console_script(
+    entry: str, tmp_path: Path, safe_path: str
+) -> None:
+    """Only the current directory's place on sys.path is removed: with PYTHONSAFEPATH
+    (3.11+) there is none, and the first entry is PYTHONPATH's, which must stay."""
+    fake = tmp_path / "path" / "xcr0run"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cli.py").write_text("import sys\ndef main():\n    print(sys.argv)\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "path"), PYTHONSAFEPATH=safe_path)
+    result = subprocess.run([entry, "-x", "y"], capture_output=True, text=True, env=env)
+    assert result.stdout == f"{[entry, '-x', 'y']}\n"
+
+
 def test_an_interpreter_on_path_serves_a_command_installed_apart(
     entry: str, venv: Path, tmp_path: Path
 ) -> None:
