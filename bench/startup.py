@@ -8,9 +8,12 @@ as users run it); without, this checkout's (compiled at every start when
 PYTHONDONTWRITEBYTECODE is set, which inflates its rows).
 
 Rows: `python -c pass`; xcr0run with nothing to trap or audit (it execs the program
-directly); xcr0run with the tracing helper (`--audit`, which needs no CPUID faulting).
-Each runs /bin/true N times; min and median wall times, and the difference of the
-mins from bare Python (the issue's target is at most +40 ms)."""
+directly); xcr0run with the tracing helper (`--audit`, which needs no CPUID faulting);
+with --python, the same two through the installed `xcr0run` command beside it (the C
+entry, or pip's console script where the install had no compiler), whose difference
+from the `-m` rows is the command's own cost. Each runs /bin/true N times; min and
+median wall times, and the difference of the mins from bare Python (the issue's target
+is at most +40 ms)."""
 
 from __future__ import annotations
 
@@ -43,6 +46,21 @@ def main() -> int:
             "/bin/true",
         ],
     }
+    command = Path(python).parent / "xcr0run"
+    if args.python and command.exists():
+        kind = "C entry" if command.read_bytes()[:4] == b"\x7fELF" else "console script"
+        installed = [str(command), "-q", "-m", "host"]
+        rows[f"installed xcr0run ({kind}) -q -m host -- /bin/true"] = [
+            *installed,
+            "--",
+            "/bin/true",
+        ]
+        rows[f"installed xcr0run ({kind}) -q -m host --audit -- /bin/true"] = [
+            *installed,
+            "--audit",
+            "--",
+            "/bin/true",
+        ]
     base = None
     print(f"| start-up, {runs} runs | min [ms] | median [ms] | min - bare Python [ms] |")
     print("|---|---|---|---|")

@@ -13,7 +13,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -128,6 +128,27 @@ class CBuilder:
 @pytest.fixture(scope="session")
 def cbuild(tmp_path_factory: pytest.TempPathFactory) -> CBuilder:
     return CBuilder(tmp_path_factory.mktemp("cbin"))
+
+
+class Wheel(NamedTuple):
+    path: Path
+    log: str  # what the build printed (pip -v)
+
+
+@pytest.fixture(scope="session")
+def checkout_wheel(tmp_path_factory: pytest.TempPathFactory) -> Wheel:
+    """This checkout as `pip install .` builds it (isolated build, setup.py's probes),
+    once per session."""
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(out), str(ROOT)],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    (wheel,) = out.glob("xcr0run-*.whl")
+    return Wheel(wheel, build.stdout + build.stderr)
 
 
 def xcr0run(

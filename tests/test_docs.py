@@ -6,13 +6,13 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from tests.conftest import Wheel
 from xcr0run.cli import cli
 
 ROOT = Path(__file__).parent.parent
@@ -65,17 +65,9 @@ def test_mandoc_lint_is_clean() -> None:
     assert out.stdout + out.stderr == ""
 
 
-def test_wheel_installs_man_page_and_completions(tmp_path) -> None:
-    build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-v", "-w", str(tmp_path), str(ROOT)],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert "absent from the `packages` configuration" not in build.stdout + build.stderr
-    (wheel,) = tmp_path.glob("xcr0run-*.whl")
-    names = set(zipfile.ZipFile(wheel).namelist())
+def test_wheel_installs_man_page_and_completions(checkout_wheel: Wheel) -> None:
+    assert "absent from the `packages` configuration" not in checkout_wheel.log
+    names = set(zipfile.ZipFile(checkout_wheel.path).namelist())
     assert "xcr0run/profiles/haswell.json" in names
     data = "xcr0run-0.1.0.data/data/share/"
     for path in (

@@ -101,21 +101,53 @@ def _rank(level: str) -> int:
     return isalevel.LEVEL_NAMES.index(level)
 
 
-def _restore_dispositions() -> None:
-    """Give the program the signal dispositions xcr0run was started with, as far as
-    Python left them knowable: it installs its SIGINT handler only over SIG_DFL, and
-    ignores SIGPIPE and SIGXFSZ before any of our code runs (whatever they were)."""
+# Written by the `xcr0run` command where it is the C entry (xcr0run/_entry.c), the
+# process's first image: "<pid>:<hex set of the signals it found ignored, bit sig-1>".
+ENTRY_RECORD = "XCR0RUN_ENTRY"
+
+
+def parse_entry_record(value: str | None, pid: int) -> int | None:
+    """The set of signals (bit sig - 1) that the C entry found ignored, from its record,
+    if the record was made for process `pid` (exec keeps the pid); None otherwise."""
+    owner, sep, ignored = (value or "").partition(":")
+    try:
+        if sep and int(owner) == pid and 0 <= int(ignored, 16) < 1 << 64:
+            return int(ignored, 16)
+    except ValueError:
+        pass
+    return None
+
+
+def entry_ignored() -> int | None:
+    """The signals this process's parent left ignored, as the C entry recorded them
+    before Python started; None when Python was the first image (`python3 -m xcr0run`,
+    pip's console script), and only the rest of the inherited state is knowable."""
+    return parse_entry_record(os.environ.get(ENTRY_RECORD), os.getpid())
+
+
+def _restore_dispositions(ignored: int | None) -> None:
+    """Give the program the signal dispositions xcr0run was started with. With the C
+    entry's record, exactly: every signal ignored if it was, else SIG_DFL (what exec
+    makes of any handler), whatever Python did meanwhile (it ignores SIGPIPE and
+    SIGXFSZ; PYTHONFAULTHANDLER sets handlers). Without it, as far as Python left them
+    knowable: it installs its SIGINT handler only over SIG_DFL, and ignores SIGPIPE and
+    SIGXFSZ before any of our code runs (whatever they were), so those get SIG_DFL."""
+    if ignored is not None:
+        for sig in signal.valid_signals():
+            if sig not in (signal.SIGKILL, signal.SIGSTOP):
+                signal.signal(sig, signal.SIG_IGN if ignored >> (sig - 1) & 1 else signal.SIG_DFL)
+        return
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, signal.SIG_DFL)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _prepare_image(guard: FilterSpec) -> None:
+def _prepare_image(guard: FilterSpec, ignored: int | None) -> None:
     """In the process about to exec: signal dispositions, then the seccomp filter (from
     then on the calls it names stop for the tracer). XCR0 is set by _execve, in the same
     breath as the execve."""
-    _restore_dispositions()
+    _restore_dispositions(ignored)
     if not guard.empty:
         _native.install_filter(seccomp.build(guard))
 
@@ -175,8 +207,11 @@ def _become(
     path: str, argv: Sequence[str], plan: Plan, xcr0_prctl: int, env: Environment, guard: FilterSpec
 ) -> NoReturn:
     """Dispositions, filter, XCR0, execve: the last steps of this process as xcr0run."""
+    ignored = entry_ignored()
+    if ignored is not None:  # the entry's record is ours, not the program's
+        env = {k: v for k, v in env.items() if k != ENTRY_RECORD.encode()}
     try:
-        _prepare_image(guard)
+        _prepare_image(guard, ignored)
     except OSError as err:
         raise UnsupportedError(str(err)) from err
     try:
