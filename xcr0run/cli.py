@@ -22,9 +22,10 @@ if TYPE_CHECKING:
 import xcr0run.completion  # noqa: F401  (its completion classes know mask edits)
 from xcr0run import PROG, __version__, host, masks
 from xcr0run.cpuid import CpuidTable
-from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
+from xcr0run.errors import MaskError, Xcr0runError
 from xcr0run.plan import Method, ViewSpec, shape_view
 from xcr0run.run import AuditChoice
+from xcr0run.status import ExitStatus
 from xcr0run.view import LEVELS
 
 # Help lines fit 80 columns: click indents the epilog by 2, the text column is at 19.

@@ -1,24 +1,12 @@
-"""Error types and exit statuses.
+"""Error types.
 
-The library raises these; only the command-line front end (cli.py) turns them into a
-message and an exit status. Statuses follow the coreutils launchers (env, nice, timeout):
-125 for our own failures, 126 when the command cannot be executed, 127 when it is not
-found, so a caller can tell xcr0run's failure from the program's own exit 1.
+The library raises these; only the command-line front end turns them into a message
+and an exit status (status.py has the statuses).
 """
 
 from __future__ import annotations
 
-import enum
-
-
-class ExitStatus(enum.IntEnum):
-    OK = 0
-    # --strict: the program ran, but used state the mask hides (distinct from 125-127 and
-    # from the 128+N a shell reports for signals).
-    HIDDEN_STATE_USED = 124
-    FAILURE = 125
-    CANNOT_EXECUTE = 126
-    NOT_FOUND = 127
+from xcr0run.status import ExitStatus
 
 
 class Xcr0runError(Exception):

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from xcr0run import _native, host, isalevel, seccomp
-from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
+from xcr0run.errors import CommandError, UnsupportedError
 from xcr0run.plan import PATCH_XCR0_BITS, Plan
 from xcr0run.seccomp import FilterSpec
+from xcr0run.status import ExitStatus
 
 
 def find_command(name: str) -> str:

@@ -19,9 +19,10 @@ from typing import Any, NoReturn
 
 from xcr0run import PROG, host, launcher
 from xcr0run.audit import AuditLog
-from xcr0run.errors import ExitStatus, Xcr0runError
+from xcr0run.errors import Xcr0runError
 from xcr0run.plan import Plan
 from xcr0run.seccomp import FilterSpec
+from xcr0run.status import exit_status
 from xcr0run.supervisor import Outcome, Supervisor, SupervisorError
 
 
@@ -62,27 +63,42 @@ def open_report(path: str) -> int:
         raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
 
 
-def write_report(
-    fd: int, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
-) -> None:
+class RunResult:
+    """What a run came to, as --report tells it: the plan as shown, how the program
+    ended (None for a program exec'd without a helper: nothing of ours sees its end)
+    and what the audit saw."""
+
+    def __init__(
+        self, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
+    ) -> None:
+        self.described = described
+        self.outcome = outcome
+        self.audit = audit
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"plan": self.described}
+        if self.audit is not None:
+            data["audit"] = self.audit.to_json()
+        outcome = self.outcome
+        if outcome is not None:
+            data["run"] = {
+                "pid": outcome.pid,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "processes": outcome.processes,
+                "threads": outcome.threads,
+                "execs": outcome.execs,
+                "cpuid_traps": outcome.cpuid_traps,
+                "cpuid_leaves": outcome.leaves,
+            }
+        return data
+
+
+def write_report(fd: int, result: RunResult) -> None:
     from xcr0run import render
 
-    data: dict[str, Any] = {"plan": described}
-    if audit is not None:
-        data["audit"] = audit.to_json()
-    if outcome is not None:
-        data["run"] = {
-            "pid": outcome.pid,
-            "exit_code": outcome.exit_code,
-            "signal": outcome.signal,
-            "processes": outcome.processes,
-            "threads": outcome.threads,
-            "execs": outcome.execs,
-            "cpuid_traps": outcome.cpuid_traps,
-            "cpuid_leaves": outcome.leaves,
-        }
     with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
-        f.write(render.to_json(data) + "\n")
+        f.write(render.to_json(result.to_json()) + "\n")
 
 
 def become_program(request: RunRequest) -> NoReturn:
@@ -93,7 +109,7 @@ def become_program(request: RunRequest) -> NoReturn:
     report_fd = open_report(request.report) if request.report else -1
     if not plan.supervised and audit is None:
         if report_fd >= 0:
-            write_report(report_fd, request.described, None, None)
+            write_report(report_fd, RunResult(request.described, None, None))
         launcher.exec_direct(request.path, request.argv, plan, request.xcr0_prctl, request.env)
     guard = FilterSpec(
         deny_amx=plan.deny_amx,
@@ -199,14 +215,12 @@ class ProgramTracer:
         if self.report_fd >= 0:
             if code is not None and outcome.exit_code is None:
                 outcome.exit_code = code
-            write_report(self.report_fd, self.request.described, outcome, audit)
+            write_report(self.report_fd, RunResult(self.request.described, outcome, audit))
             self.report_fd = -1
         if self.stderr >= 0:
             os.close(self.stderr)
             self.stderr = -1
-        if failed and code == 0:
-            return ExitStatus.HIDDEN_STATE_USED
-        return None
+        return exit_status(code, failed)
 
 
 # The tracer sleeps in waitpid; the audit's timer wakes it with a signal whose default
