@@ -312,16 +312,6 @@ def arch_prctl_raw(code: int, arg: int) -> int:
     return -ctypes.get_errno() if result == -1 else result
 
 
-def address_mapped(address: int, length: int = 8) -> bool:
-    """Whether [address, address+length) touches a mapping of this process."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
-            if lo < address + length and address < hi:
-                return True
-    return False
-
-
 # -- seccomp ----------------------------------------------------------------------------------
 
 

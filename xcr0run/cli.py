@@ -393,7 +393,7 @@ def _run(
     env_hints: bool,
     xcr0_only: bool = False,
 ) -> NoReturn:
-    from xcr0run import inspect, launcher, render, run
+    from xcr0run import inspect, launcher, procfs, render, run
     from xcr0run.view import psabi_level
 
     if checks.enabled is False and (checks.expect_used or checks.strict):
@@ -406,7 +406,7 @@ def _run(
     if not wanted.force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
     hints = inspect.env_hints(plan) if env_hints or plan.env_only else []
-    env = host.original_environment()
+    env = procfs.original_environment()
     env.update((h.name.encode(), h.value.encode()) for h in hints)
     described = inspect.describe_plan(plan, spec, table, hints)
     if not quiet:

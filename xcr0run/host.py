@@ -10,7 +10,7 @@ import os
 import stat
 from dataclasses import dataclass
 
-from xcr0run import _native
+from xcr0run import _native, procfs
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable, read_table
 from xcr0run.plan import PATCH_XCR0_BITS
 
@@ -89,22 +89,6 @@ def xcomp() -> XComp:
 # -- ARCH_SET_XCR0 ---------------------------------------------------------------------------
 
 
-def original_environment() -> dict[bytes, bytes]:
-    """The environment this process started with. Python itself may have changed
-    os.environ (locale coercion sets LC_CTYPE); the program must get it untouched."""
-    try:
-        with open("/proc/self/environ", "rb") as f:
-            block = f.read()
-    except OSError:
-        return {k.encode(): v.encode() for k, v in os.environ.items()}
-    env: dict[bytes, bytes] = {}
-    for item in block.split(b"\0"):
-        name, sep, value = item.partition(b"=")
-        if sep:
-            env.setdefault(name, value)
-    return env
-
-
 def xcr0_prctl_code(override: int | None = None) -> int:
     """The arch_prctl code to try for ARCH_SET_XCR0: option, environment, or ours."""
     if override is not None:
@@ -171,7 +155,7 @@ def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
         name = _MAINLINE_CODES[code]
         return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
     value = current & xcr0_prctl_limit(code)
-    if _native.address_mapped(value):
+    if procfs.address_mapped(value):
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
     if value == current and code in (_native.ARCH_SET_XCR0, _native.ARCH_SET_XCR0_RFC_CODE):
         result = _native.arch_prctl_raw(code, value)
@@ -225,49 +209,6 @@ class ThreadState:
     error: str | None = None
 
 
-def _status_field(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return line.split(":", 1)[1].strip()
-    return ""
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def process_identity(pid: int) -> tuple[str, str, int]:
-    """(comm, exe, tracer pid) of a process; OSError if it does not exist."""
-    comm = _comm(pid)
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = "?"
-    return comm, exe, int(_status_field(pid, "TracerPid") or 0)
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state of /proc/<pid>/stat (R, S, D, T, t, Z, ...); "" if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def command_line(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
-
-
 def thread_states(pid: int) -> list[ThreadState]:
     """Each thread's XCR0 and in-use components, read through ptrace (NT_X86_XSTATE).
 
@@ -276,12 +217,13 @@ def thread_states(pid: int) -> list[ThreadState]:
     """
     states = []
     reader = _native.XStateHeadReader()
-    for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
-        tid = int(name)
+    for tid in procfs.thread_ids(pid):
         try:
             _native.ptrace_seize(tid, 0)
         except _native.NativeError as err:
-            states.append(ThreadState(tid, _comm(tid), None, None, os.strerror(err.errno)))
+            states.append(
+                ThreadState(tid, procfs.thread_name(pid, tid), None, None, os.strerror(err.errno))
+            )
             continue
         pending = 0  # a signal that arrived meanwhile: handed back at detach
         try:
@@ -290,9 +232,9 @@ def thread_states(pid: int) -> list[ThreadState]:
             if os.WIFSTOPPED(status) and status >> 16 == 0:
                 pending = os.WSTOPSIG(status)  # a signal-delivery stop, not ours
             xcr0_value, xstate_bv = reader.read(tid)
-            states.append(ThreadState(tid, _comm(tid), xcr0_value, xstate_bv))
+            states.append(ThreadState(tid, procfs.thread_name(pid, tid), xcr0_value, xstate_bv))
         except (_native.NativeError, ChildProcessError) as err:
-            states.append(ThreadState(tid, _comm(tid), None, None, str(err)))
+            states.append(ThreadState(tid, procfs.thread_name(pid, tid), None, None, str(err)))
         finally:
             with contextlib.suppress(_native.NativeError):
                 _native.ptrace_detach(tid, pending)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from xcr0run import cpuid, features, host, xsave
+from xcr0run import cpuid, features, host, procfs, xsave
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable
 from xcr0run.errors import UnsupportedError, Xcr0runError
 from xcr0run.masks import format_mask
@@ -190,7 +190,7 @@ def env_hints(plan: Plan) -> list[EnvHint]:
 
     env = {
         k.decode(errors="replace"): v.decode(errors="replace")
-        for k, v in host.original_environment().items()
+        for k, v in procfs.original_environment().items()
     }
     return envhints.env_hints(plan.view.hidden, plan.view.cleared, env)
 
@@ -294,13 +294,9 @@ def dump_cpuid() -> dict[str, Any]:
 
 def process_report(pid: int) -> dict[str, Any]:
     """Another process's XCR0 and in-use components per thread, for --show -p."""
-    try:
-        comm, exe, tracer = host.process_identity(pid)
-    except FileNotFoundError as err:
-        raise Xcr0runError(f"no process with pid {pid}") from err
-    if host.process_state(pid) == "Z":
-        raise Xcr0runError(f"process {pid} has exited (a zombie, not yet reaped)")
-    tracer_cmd = host.command_line(tracer) if tracer else []
+    who = procfs.identity(pid)
+    comm, exe, tracer = who.comm, who.exe, who.tracer
+    tracer_cmd = _command_line(tracer) if tracer else []
     under = any("xcr0run" in arg for arg in tracer_cmd[:3])
     threads = host.thread_states(pid)
     if all(t.error for t in threads) and not under:
@@ -326,3 +322,10 @@ def process_report(pid: int) -> dict[str, Any]:
             for t in threads
         ],
     }
+
+
+def _command_line(pid: int) -> list[str]:
+    try:
+        return procfs.command_line(pid)
+    except procfs.ProcessError:
+        return []  # the tracer is gone or not ours to read: it is named by pid anyway

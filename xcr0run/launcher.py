@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
 
-from xcr0run import _native, host, isalevel, seccomp
+from xcr0run import _native, host, isalevel, procfs, seccomp
 from xcr0run.errors import CommandError, UnsupportedError
 from xcr0run.plan import PATCH_XCR0_BITS, Plan
 from xcr0run.seccomp import FilterSpec
@@ -349,8 +349,7 @@ def _detach_stdio(keep: frozenset[int]) -> int:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     keep = keep | {0, 1, 2, stderr}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    for fd in procfs.open_descriptors():
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)
