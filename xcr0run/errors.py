@@ -15,6 +15,10 @@ class Xcr0runError(Exception):
     status: ExitStatus = ExitStatus.FAILURE
 
 
+class UsageError(Xcr0runError):
+    """Options that do not go together; said with a pointer to --help, as click does."""
+
+
 class MaskError(Xcr0runError, ValueError):
     """The mask text is malformed or asks for something impossible."""
 

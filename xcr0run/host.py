@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 from xcr0run import _native, procfs
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable, read_table
-from xcr0run.plan import PATCH_XCR0_BITS
+from xcr0run.plan import PATCH_XCR0_BITS, Capabilities
+from xcr0run.xsave import NAMES as _XSAVE_NAMES
 
 XCR0_PRCTL_ENV = "XCR0RUN_XCR0_PRCTL"
+_AMX_TILE_DATA = _XSAVE_NAMES["tiledata"]  # ARCH_GET_XCOMP_SUPP bit 18: the kernel supports AMX
 
 
 def xcr0() -> int:
@@ -195,6 +197,24 @@ def _describe_probe(code: int, result: int) -> str:
         what = " (ARCH_GET_XCOMP_SUPP)" if code == _native.ARCH_GET_XCOMP_SUPP else ""
         return f"no ARCH_SET_XCR0: code {code:#x} is a getter here{what}"
     return f"no ARCH_SET_XCR0 at code {code:#x}: {os.strerror(err)}"
+
+
+def capabilities(xcr0_prctl_code: int) -> Capabilities:
+    """What this machine and kernel offer for presenting a view (plan.make_plan's input)."""
+    xcr0_value = xcr0()
+    faulting = cpuid_faulting()
+    probe = probe_xcr0_prctl(xcr0_prctl_code, xcr0_value)
+    supported = xcomp().supported
+    return Capabilities(
+        xcr0=xcr0_value,
+        faulting=faulting.supported,
+        faulting_detail=faulting.detail,
+        set_xcr0=probe.available,
+        set_xcr0_detail=probe.detail,
+        amx_supported=bool((supported or 0) & _AMX_TILE_DATA),
+        faulting_enabled=faulting.enabled_here,
+        set_xcr0_limit=xcr0_prctl_limit(xcr0_prctl_code),
+    )
 
 
 # -- another process ------------------------------------------------------------------------

@@ -139,6 +139,22 @@ def make_plan(
     return Plan(mask, set_xcr0, trap, deny_amx, view(set_xcr0), grant_amx)
 
 
+def plan_for(
+    spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool, xcr0_only: bool = False
+) -> Plan:
+    """make_plan for what the user asked (`spec`)."""
+    return make_plan(
+        spec.mask,
+        caps,
+        method,
+        spec.extra_hidden,
+        grant_amx=grant_amx,
+        added=spec.added,
+        identity=spec.identity,
+        xcr0_only=xcr0_only,
+    )
+
+
 def xcr0_only_plan(
     mask: int, caps: Capabilities, method: Method, cpuid_edits: bool, grant_amx: bool
 ) -> Plan:

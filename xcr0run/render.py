@@ -9,8 +9,8 @@ import re
 from typing import IO, TYPE_CHECKING, Any
 
 from xcr0run import PROG
-from xcr0run.inspect import ShowReport
 from xcr0run.masks import format_mask
+from xcr0run.xstate_report import XStateReport
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -94,7 +94,7 @@ def _facts(rows: list[tuple[str, str]], indent: int = 0) -> RenderableType:
     return Padding(grid, (0, 0, 0, indent)) if indent else grid
 
 
-def show(report: ShowReport, out: IO[str]) -> None:
+def show(report: XStateReport, out: IO[str]) -> None:
     """Human --show output: XCR0 decoded, sizes, kernel state, and an optional plan."""
     from rich.markup import escape
     from rich.table import Table

@@ -1,25 +1,22 @@
-"""The facts `xcr0run --show` reports, gathered from this thread and this kernel.
+"""The facts `xcr0run --show` reports: this thread's XCR0 and XSAVE state, what CPUID
+and the kernel offer (`gather`), and another process's state per thread
+(`process_report`, for --show -p).
 
-The result is plain data (`ShowReport`), with `to_json()` giving the stable key names
+The result is plain data (`XStateReport`), with `to_json()` giving the stable key names
 documented in the README; render.py draws it.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from xcr0run import cpuid, features, host, procfs, xsave
+from xcr0run import cpuid, host, procfs, xsave
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable
-from xcr0run.errors import UnsupportedError, Xcr0runError
+from xcr0run.errors import Xcr0runError
 from xcr0run.masks import format_mask
-from xcr0run.plan import Capabilities, Method, Plan, ViewSpec, make_plan
-from xcr0run.view import LEVELS, CpuidView, level_restriction, psabi_level
-
-if TYPE_CHECKING:
-    from xcr0run.envhints import EnvHint
-    from xcr0run.profiles import CpuidProfile
+from xcr0run.plan import Capabilities
+from xcr0run.view import psabi_level
 
 # The legacy region of every XSAVE area (SDM vol. 1, 13.4.1): x87 and SSE state live at
 # fixed places in its first 512 bytes; CPUID leaf 0xD does not report them.
@@ -45,7 +42,7 @@ class ComponentRow:
 
 
 @dataclass
-class ShowReport:
+class XStateReport:
     xcr0: int
     xinuse: int | None
     components: list[ComponentRow]
@@ -98,23 +95,6 @@ class ShowReport:
         }
 
 
-def capabilities(xcr0_prctl_code: int) -> Capabilities:
-    xcr0 = host.xcr0()
-    faulting = host.cpuid_faulting()
-    probe = host.probe_xcr0_prctl(xcr0_prctl_code, xcr0)
-    xcomp = host.xcomp()
-    return Capabilities(
-        xcr0=xcr0,
-        faulting=faulting.supported,
-        faulting_detail=faulting.detail,
-        set_xcr0=probe.available,
-        set_xcr0_detail=probe.detail,
-        amx_supported=bool((xcomp.supported or 0) & xsave.NAMES["tiledata"]),
-        faulting_enabled=faulting.enabled_here,
-        set_xcr0_limit=host.xcr0_prctl_limit(xcr0_prctl_code),
-    )
-
-
 def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[ComponentRow]:
     eax0, _, _, edx0 = table[(XSAVE_LEAF, 0)]
     _, _, ecx1, edx1 = table[(XSAVE_LEAF, 1)]
@@ -150,11 +130,11 @@ def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[Com
     return rows
 
 
-def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowReport:
+def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> XStateReport:
     xinuse = host.xinuse()
     _, ebx0, ecx0, _ = table[(XSAVE_LEAF, 0)]
     _, ebx1, _, _ = table[(XSAVE_LEAF, 1)]
-    return ShowReport(
+    return XStateReport(
         xcr0=caps.xcr0,
         xinuse=xinuse,
         components=component_rows(table, caps.xcr0, xinuse),
@@ -168,128 +148,6 @@ def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> ShowR
         vendor=cpuid.vendor(table),
         brand=cpuid.brand(table),
     )
-
-
-def plan_for(
-    spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool, xcr0_only: bool = False
-) -> Plan:
-    return make_plan(
-        spec.mask,
-        caps,
-        method,
-        spec.extra_hidden,
-        grant_amx=grant_amx,
-        added=spec.added,
-        identity=spec.identity,
-        xcr0_only=xcr0_only,
-    )
-
-
-def env_hints(plan: Plan) -> list[EnvHint]:
-    from xcr0run import envhints
-
-    env = {
-        k.decode(errors="replace"): v.decode(errors="replace")
-        for k, v in procfs.original_environment().items()
-    }
-    return envhints.env_hints(plan.view.hidden, plan.view.cleared, env)
-
-
-def describe_plan(
-    plan: Plan, spec: ViewSpec, table: CpuidTable, hints: list[EnvHint] | None = None
-) -> dict[str, Any]:
-    """What a view means here, for `--show --mask` and the start-up banner."""
-    seen = plan.view.apply(table)
-    limits = plan.view.limits()
-    if plan.env_only:
-        from xcr0run.envhints import LIMITS
-
-        limits = [LIMITS]
-    return {
-        "view": spec.label,
-        "xcr0": f"{plan.mask:#x}",
-        "xcr0_decoded": [c.name for c in xsave.components(plan.mask)],
-        "mechanism": plan.mechanism,
-        "how": plan.describe(),
-        "hidden_features": plan.view.hidden_present(table),
-        "added_features": sorted(plan.view.added),
-        "psabi_level": psabi_level(seen, plan.mask),
-        "enforced": plan.enforced(),
-        "limits": limits,
-        "env_hints": [f"{h.name}={h.value}" for h in hints or []],
-        "profile": spec.profile,
-    }
-
-
-def describe_spec(
-    spec: ViewSpec,
-    caps: Capabilities,
-    method: Method,
-    table: CpuidTable,
-    with_hints: bool,
-    xcr0_only: bool = False,
-) -> dict[str, Any]:
-    """describe_plan, also when no mechanism can present the view here."""
-    try:
-        plan = plan_for(spec, caps, method, False, xcr0_only)
-    except UnsupportedError as err:
-        view = CpuidView.build(
-            spec.mask, caps.xcr0, False, spec.extra_hidden, spec.added, spec.identity
-        )
-        described = describe_plan(Plan(spec.mask, False, False, False, view), spec, table)
-        described.update(mechanism="unavailable", how=str(err))
-        return described
-    hints = env_hints(plan) if with_hints or plan.env_only else []
-    return describe_plan(plan, spec, table, hints)
-
-
-# -- profiles ---------------------------------------------------------------------------------
-
-_PROFILE_DIR = os.path.join(os.path.dirname(__file__), "profiles")
-
-
-def reference_profiles() -> list[str]:
-    """Names --profile accepts besides files: psABI levels and shipped CPU generations."""
-    shipped = (f[:-5] for f in os.listdir(_PROFILE_DIR) if f.endswith(".json"))
-    return [*LEVELS, *sorted(shipped)]
-
-
-def load_profile(name: str) -> CpuidProfile:
-    from xcr0run import profiles
-
-    if name in LEVELS:
-        # The psABI's list, long mode and NX, and all they need (OSXSAVE needs XSAVE).
-        needed = features.prerequisites([*features.PSABI_LEVELS[name], "lm", "nx"])
-        table = profiles.table_from_features(sorted(needed))
-        source = f"the x86-64 psABI's list for {name}"
-        return profiles.CpuidProfile(name, table, level_restriction(name)[0], source)
-    path, shown = name, name
-    shipped = os.path.join(_PROFILE_DIR, f"{name}.json")
-    if not os.path.exists(path) and os.path.exists(shipped):
-        path = shipped
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as err:
-        known = ", ".join(reference_profiles())
-        raise Xcr0runError(
-            f"cannot read profile {name}: {err.strerror} (built in: {known})"
-        ) from err
-    return profiles.parse(text, shown)
-
-
-def dump_cpuid() -> dict[str, Any]:
-    """This machine's whole CPUID table, XCR0 and the kernel's view, as a profile."""
-    table = host.full_cpuid_table()
-    xcomp = host.xcomp()
-    kernel = {
-        "xcomp_supported": None if xcomp.supported is None else f"{xcomp.supported:#x}",
-        "xcomp_permitted": None if xcomp.permitted is None else f"{xcomp.permitted:#x}",
-        "release": os.uname().release,
-    }
-    from xcr0run import profiles
-
-    return profiles.dump(table, host.xcr0(), kernel, cpuid.brand(table) or cpuid.vendor(table))
 
 
 def process_report(pid: int) -> dict[str, Any]:
