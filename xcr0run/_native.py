@@ -11,8 +11,11 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

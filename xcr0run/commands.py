@@ -20,9 +20,10 @@ from xcr0run.status import ExitStatus
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import NoReturn
+    from typing import Any, NoReturn
 
     from xcr0run.cpuid import CpuidTable
+    from xcr0run.envhints import EnvHint
     from xcr0run.plan import Method, ViewSpec
     from xcr0run.profiles import CpuidProfile
 
@@ -239,7 +240,7 @@ def _show_process(pid: int, as_json: bool) -> int:
 
 def _run(wanted: Wanted, method: Method, code: int, line: CommandLine) -> NoReturn:
     """Decide everything about the run, say it (unless -q), become the program."""
-    from xcr0run import describe, launcher, procfs, run
+    from xcr0run import launcher, procfs, run
     from xcr0run.plan import plan_for
     from xcr0run.view import psabi_level
 
@@ -255,10 +256,18 @@ def _run(wanted: Wanted, method: Method, code: int, line: CommandLine) -> NoRetu
     plan = plan_for(spec, caps, method, line.grant_amx, line.xcr0_only)
     if not wanted.force:
         launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
-    hints = describe.env_hints(plan) if line.env_hints or plan.env_only else []
+    hints: list[EnvHint] = []
+    if line.env_hints or plan.env_only:
+        from xcr0run import describe
+
+        hints = describe.env_hints(plan)
     env = procfs.original_environment()
     env.update((h.name.encode(), h.value.encode()) for h in hints)
-    described = describe.describe_plan(plan, spec, table, hints)
+    described: dict[str, Any] = {}  # only the banner and --report say it: worked out for them
+    if not line.quiet or line.report:
+        from xcr0run import describe
+
+        described = describe.describe_plan(plan, spec, table, hints)
     if not line.quiet:
         from xcr0run import render
 

@@ -4,16 +4,18 @@ banner, `--show --mask` and --report's "plan".
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 from xcr0run import procfs, xsave
-from xcr0run.cpuid import CpuidTable
 from xcr0run.errors import UnsupportedError
-from xcr0run.plan import Capabilities, Method, Plan, ViewSpec, plan_for
+from xcr0run.plan import Plan, plan_for
 from xcr0run.view import CpuidView, psabi_level
 
+TYPE_CHECKING = False  # typing's import costs start-up time (the banner is on its path)
 if TYPE_CHECKING:
+    from typing import Any
+
+    from xcr0run.cpuid import CpuidTable
     from xcr0run.envhints import EnvHint
+    from xcr0run.plan import Capabilities, Method, ViewSpec
 
 
 def env_hints(plan: Plan) -> list[EnvHint]:

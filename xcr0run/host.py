@@ -4,11 +4,9 @@ permissions, and whether an ARCH_SET_XCR0 exists. System layer over _native.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
 
 from xcr0run import _native, procfs
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable, read_table
@@ -42,11 +40,17 @@ def full_cpuid_table() -> CpuidTable:
     return read_table(_native.cpuid)
 
 
-@dataclass(frozen=True)
+# The records here are plain classes: probing is on the launch path, and importing
+# dataclasses (with inspect) costs more than the probes.
+
+
 class Faulting:
-    supported: bool
-    enabled_here: bool  # this thread's CPUID already faults (e.g. under xcr0run)
-    detail: str
+    __slots__ = ("detail", "enabled_here", "supported")
+
+    def __init__(self, supported: bool, enabled_here: bool, detail: str) -> None:
+        self.supported = supported
+        self.enabled_here = enabled_here  # this thread's CPUID already faults (under xcr0run)
+        self.detail = detail
 
 
 def cpuid_faulting() -> Faulting:
@@ -65,13 +69,17 @@ def cpuid_faulting() -> Faulting:
     return Faulting(False, False, f"ARCH_SET_CPUID: {os.strerror(-result)}")
 
 
-@dataclass(frozen=True)
 class XComp:
     """The kernel's dynamic XSAVE features (AMX): ARCH_GET_XCOMP_*; None if unknown."""
 
-    supported: int | None
-    permitted: int | None
-    guest_permitted: int | None
+    __slots__ = ("guest_permitted", "permitted", "supported")
+
+    def __init__(
+        self, supported: int | None, permitted: int | None, guest_permitted: int | None
+    ) -> None:
+        self.supported = supported
+        self.permitted = permitted
+        self.guest_permitted = guest_permitted
 
 
 def xcomp() -> XComp:
@@ -99,11 +107,13 @@ def xcr0_prctl_code(override: int | None = None) -> int:
     return int(text, 0) if text else _native.ARCH_SET_XCR0
 
 
-@dataclass(frozen=True)
 class Xcr0Prctl:
-    code: int
-    available: bool
-    detail: str
+    __slots__ = ("available", "code", "detail")
+
+    def __init__(self, code: int, available: bool, detail: str) -> None:
+        self.code = code
+        self.available = available
+        self.detail = detail
 
 
 # The 2020 RFC patch refuses components from bit 10 up (no AMX, PATCH_XCR0_BITS); ours
@@ -220,13 +230,22 @@ def capabilities(xcr0_prctl_code: int) -> Capabilities:
 # -- another process ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class ThreadState:
-    tid: int
-    comm: str
-    xcr0: int | None
-    xstate_bv: int | None
-    error: str | None = None
+    __slots__ = ("comm", "error", "tid", "xcr0", "xstate_bv")
+
+    def __init__(
+        self,
+        tid: int,
+        comm: str,
+        xcr0: int | None,
+        xstate_bv: int | None,
+        error: str | None = None,
+    ) -> None:
+        self.tid = tid
+        self.comm = comm
+        self.xcr0 = xcr0
+        self.xstate_bv = xstate_bv
+        self.error = error
 
 
 def thread_states(pid: int) -> list[ThreadState]:
@@ -235,6 +254,8 @@ def thread_states(pid: int) -> list[ThreadState]:
     Each thread is seized, interrupted, read and detached in turn: it is stopped for
     the length of one register read and left as it was.
     """
+    import contextlib  # here, not at the top: --show -p is off the launch path
+
     states = []
     reader = _native.XStateHeadReader()
     for tid in procfs.thread_ids(pid):

@@ -8,17 +8,55 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import signal
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
 
 from xcr0run import _native, host, isalevel, procfs, seccomp
 from xcr0run.errors import CommandError, UnsupportedError
-from xcr0run.plan import PATCH_XCR0_BITS, Plan
+from xcr0run.plan import PATCH_XCR0_BITS
 from xcr0run.seccomp import FilterSpec
 from xcr0run.status import ExitStatus
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import NoReturn
+
+    from xcr0run.plan import Plan
+
+    Environment = Mapping[bytes, bytes]
+    # Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
+    # calls attached(None) once it has seized the program, or attached(why not); stderr
+    # is a copy of the program's (-1 if it had none), for the helper to close when done.
+    Attached = Callable[[str | None], None]
+    Tracer = Callable[[int, Attached, int], int]
+
+
+def which(name: str) -> str | None:
+    """shutil.which(name) for a name without a slash, without importing shutil (its
+    archive codecs cost start-up time): the first PATH entry (in order, each directory
+    once, an empty one meaning the current directory) holding an executable
+    non-directory called `name`."""
+    path = os.environ.get("PATH")
+    if path is None:
+        try:
+            path = os.confstr("CS_PATH")
+        except (AttributeError, ValueError):
+            path = os.defpath
+    if not path:
+        return None
+    tried = set()
+    for directory in path.split(os.pathsep):
+        if directory in tried:
+            continue
+        tried.add(directory)
+        candidate = os.path.join(directory, name)
+        if (
+            os.path.exists(candidate)
+            and os.access(candidate, os.F_OK | os.X_OK)
+            and not os.path.isdir(candidate)
+        ):
+            return candidate
+    return None
 
 
 def find_command(name: str) -> str:
@@ -30,7 +68,7 @@ def find_command(name: str) -> str:
                 f"failed to run command '{name}': No such file or directory", ExitStatus.NOT_FOUND
             )
     else:
-        found = shutil.which(name)
+        found = which(name)
         if found is None:
             # An existing but non-executable match is 126, as execvp reports EACCES.
             dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
@@ -49,10 +87,12 @@ def find_command(name: str) -> str:
     return path
 
 
-@dataclass(frozen=True)
 class IsaNeed:
-    path: str
-    level: str
+    __slots__ = ("level", "path")
+
+    def __init__(self, path: str, level: str) -> None:
+        self.path = path
+        self.level = level
 
 
 def isa_needs(path: str) -> list[IsaNeed]:
@@ -151,9 +191,6 @@ def _prepare_image(guard: FilterSpec, ignored: int | None) -> None:
     _restore_dispositions(ignored)
     if not guard.empty:
         _native.install_filter(seccomp.build(guard))
-
-
-Environment = Mapping[bytes, bytes]
 
 
 class Xcr0SetupError(OSError):
@@ -304,13 +341,6 @@ def _read_line(fd: int) -> str:
             break
         data += chunk
     return data.decode(errors="replace").strip()
-
-
-Attached = Callable[["str | None"], None]
-# Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
-# calls attached(None) once it has seized the program, or attached(why not); stderr is
-# a copy of the program's (-1 if it had none), for the helper to close when done with.
-Tracer = Callable[[int, Attached, int], int]
 
 
 def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozenset[int]) -> int:

@@ -5,17 +5,20 @@ Pure: the facts about the host come in as arguments.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from xcr0run import xsave
-from xcr0run.cpuid import CpuidTable, Registers
-
-if TYPE_CHECKING:
-    from xcr0run.profiles import CpuidProfile
 from xcr0run.errors import UnsupportedError
 from xcr0run.view import CpuidView, level_restriction
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+    from xcr0run.cpuid import CpuidTable, Registers
+    from xcr0run.profiles import CpuidProfile
+
+# The classes here are plain, not dataclasses: a plan is made on the launch path, and
+# importing dataclasses (with inspect) would cost more than making it.
 
 # The components the 2020 ARCH_SET_XCR0 patch accepts: bits 0-9, so no AMX (17-18).
 PATCH_XCR0_BITS = 0x3FF
@@ -28,30 +31,72 @@ class Method(str, enum.Enum):
     ENV = "env"  # library knobs only (--env-hints), where nothing else is available
 
 
-@dataclass(frozen=True)
 class Capabilities:
     """What the host offers, as probed by host.py."""
 
-    xcr0: int
-    faulting: bool
-    faulting_detail: str
-    set_xcr0: bool
-    set_xcr0_detail: str
-    amx_supported: bool  # the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP bit 18)
-    faulting_enabled: bool = False  # this thread's CPUID already faults (under xcr0run)
-    set_xcr0_limit: int = (1 << 64) - 1  # XCR0 bits ARCH_SET_XCR0 keeps (RFC patch: 0x3FF)
+    __slots__ = (
+        "amx_supported",
+        "faulting",
+        "faulting_detail",
+        "faulting_enabled",
+        "set_xcr0",
+        "set_xcr0_detail",
+        "set_xcr0_limit",
+        "xcr0",
+    )
+
+    def __init__(
+        self,
+        xcr0: int,
+        faulting: bool,
+        faulting_detail: str,
+        set_xcr0: bool,
+        set_xcr0_detail: str,
+        amx_supported: bool,  # the kernel supports AMX tile data (ARCH_GET_XCOMP_SUPP bit 18)
+        faulting_enabled: bool = False,  # this thread's CPUID already faults (under xcr0run)
+        set_xcr0_limit: int = (1 << 64) - 1,  # XCR0 bits ARCH_SET_XCR0 keeps (RFC patch: 0x3FF)
+    ) -> None:
+        self.xcr0 = xcr0
+        self.faulting = faulting
+        self.faulting_detail = faulting_detail
+        self.set_xcr0 = set_xcr0
+        self.set_xcr0_detail = set_xcr0_detail
+        self.amx_supported = amx_supported
+        self.faulting_enabled = faulting_enabled
+        self.set_xcr0_limit = set_xcr0_limit
 
 
-@dataclass(frozen=True)
 class Plan:
-    mask: int
-    set_xcr0: bool  # change the hardware XCR0 in the child (kernel mechanism)
-    trap_cpuid: bool  # supervise with CPUID faulting
-    deny_amx: bool  # make ARCH_REQ_XCOMP_PERM fail for the whole program tree
-    view: CpuidView
-    grant_amx: bool = False  # request AMX permission in every new program image
-    env_only: bool = False  # --method env: the view is carried by library knobs alone
-    xcr0_only: bool = False  # --xcr0-only: XCR0 changed, CPUID left as the host's
+    __slots__ = (
+        "deny_amx",
+        "env_only",
+        "grant_amx",
+        "mask",
+        "set_xcr0",
+        "trap_cpuid",
+        "view",
+        "xcr0_only",
+    )
+
+    def __init__(
+        self,
+        mask: int,
+        set_xcr0: bool,  # change the hardware XCR0 in the child (kernel mechanism)
+        trap_cpuid: bool,  # supervise with CPUID faulting
+        deny_amx: bool,  # make ARCH_REQ_XCOMP_PERM fail for the whole program tree
+        view: CpuidView,
+        grant_amx: bool = False,  # request AMX permission in every new program image
+        env_only: bool = False,  # --method env: the view is carried by library knobs alone
+        xcr0_only: bool = False,  # --xcr0-only: XCR0 changed, CPUID left as the host's
+    ) -> None:
+        self.mask = mask
+        self.set_xcr0 = set_xcr0
+        self.trap_cpuid = trap_cpuid
+        self.deny_amx = deny_amx
+        self.view = view
+        self.grant_amx = grant_amx
+        self.env_only = env_only
+        self.xcr0_only = xcr0_only
 
     @property
     def supervised(self) -> bool:
@@ -181,16 +226,26 @@ def xcr0_only_plan(
     return Plan(mask, mask != caps.xcr0, False, deny_amx, unchanged, grant_amx, xcr0_only=True)
 
 
-@dataclass(frozen=True)
 class ViewSpec:
     """What the user asked the program to see, before choosing a mechanism."""
 
-    label: str  # for messages: the options as given ("--level x86-64-v2")
-    mask: int
-    extra_hidden: frozenset[str] = frozenset()
-    added: frozenset[str] = frozenset()
-    identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None
-    profile: dict[str, object] | None = None  # --profile facts for --show and --report
+    __slots__ = ("added", "extra_hidden", "identity", "label", "mask", "profile")
+
+    def __init__(
+        self,
+        label: str,  # for messages: the options as given ("--level x86-64-v2")
+        mask: int,
+        extra_hidden: frozenset[str] = frozenset(),
+        added: frozenset[str] = frozenset(),
+        identity: dict[tuple[int, int], tuple[Registers, Registers]] | None = None,
+        profile: dict[str, object] | None = None,  # --profile facts for --show and --report
+    ) -> None:
+        self.label = label
+        self.mask = mask
+        self.extra_hidden = extra_hidden
+        self.added = added
+        self.identity = identity
+        self.profile = profile
 
 
 def shape_view(

@@ -12,26 +12,39 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
 
 from xcr0run import PROG, host, launcher
-from xcr0run.audit import AuditLog
 from xcr0run.errors import Xcr0runError
-from xcr0run.plan import Plan
 from xcr0run.seccomp import FilterSpec
 from xcr0run.status import exit_status
-from xcr0run.supervisor import Outcome, Supervisor, SupervisorError
+
+# The tracer (supervisor.py, with the audit and threads) is imported only where a helper
+# runs, and typing and dataclasses not at all: a program exec'd without a helper should
+# not pay for them at start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
+    from xcr0run.audit import AuditLog
+    from xcr0run.plan import Plan
+    from xcr0run.supervisor import Outcome, Supervisor
 
 
-@dataclass(frozen=True)
 class AuditChoice:
-    enabled: bool | None  # --audit/--no-audit; None: on with the cpuid mechanism
-    interval: float | None
-    expect_used: list[tuple[str, int]]
-    strict: bool
+    __slots__ = ("enabled", "expect_used", "interval", "strict")
+
+    def __init__(
+        self,
+        enabled: bool | None,  # --audit/--no-audit; None: on with the cpuid mechanism
+        interval: float | None,
+        expect_used: list[tuple[str, int]],
+        strict: bool,
+    ) -> None:
+        self.enabled = enabled
+        self.interval = interval
+        self.expect_used = expect_used
+        self.strict = strict
 
     def wanted(self, trap_cpuid: bool) -> bool:
         if self.enabled is False:
@@ -39,19 +52,42 @@ class AuditChoice:
         return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
 
 
-@dataclass(frozen=True)
 class RunRequest:
     """Everything a run needs, decided before anything starts."""
 
-    path: str
-    argv: Sequence[str]
-    plan: Plan
-    xcr0_prctl: int
-    env: dict[bytes, bytes]
-    described: dict[str, Any]  # the plan as --report and the banner show it
-    checks: AuditChoice
-    quiet: bool
-    report: str | None
+    __slots__ = (
+        "argv",
+        "checks",
+        "described",
+        "env",
+        "path",
+        "plan",
+        "quiet",
+        "report",
+        "xcr0_prctl",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        argv: Sequence[str],
+        plan: Plan,
+        xcr0_prctl: int,
+        env: dict[bytes, bytes],
+        described: dict[str, Any],  # the plan as --report and the banner show it
+        checks: AuditChoice,
+        quiet: bool,
+        report: str | None,
+    ) -> None:
+        self.path = path
+        self.argv = argv
+        self.plan = plan
+        self.xcr0_prctl = xcr0_prctl
+        self.env = env
+        self.described = described
+        self.checks = checks
+        self.quiet = quiet
+        self.report = report
 
 
 def open_report(path: str) -> int:
@@ -104,8 +140,11 @@ def write_report(fd: int, result: RunResult) -> None:
 def become_program(request: RunRequest) -> NoReturn:
     """Exec the program, with a tracing helper if the plan or the audit needs one."""
     plan = request.plan
-    hidden = plan.view.host_xcr0 & ~plan.mask
-    audit = AuditLog(hidden) if request.checks.wanted(plan.trap_cpuid) else None
+    audit = None
+    if request.checks.wanted(plan.trap_cpuid):
+        from xcr0run.audit import AuditLog
+
+        audit = AuditLog(plan.view.host_xcr0 & ~plan.mask)
     report_fd = open_report(request.report) if request.report else -1
     if not plan.supervised and audit is None:
         if report_fd >= 0:
@@ -138,6 +177,8 @@ class ProgramTracer:
         self.warned_exec: set[str] = set()
 
     def __call__(self, program: int, attached: launcher.Attached, stderr: int) -> int:
+        from xcr0run.supervisor import Supervisor, SupervisorError
+
         self.stderr = stderr
         plan = self.request.plan
         supervisor = Supervisor(
@@ -228,16 +269,21 @@ class ProgramTracer:
 _WAKE_SIGNAL = signal.SIGURG
 
 
-class _Ticker(threading.Thread):
-    """Periodic audit samples (--audit-interval)."""
+class _Ticker:
+    """Periodic audit samples (--audit-interval), from a thread of their own."""
 
     def __init__(self, interval: float, supervisor: Supervisor) -> None:
-        super().__init__(daemon=True, name="xcr0run-audit")
+        import threading
+
+        self.thread = threading.Thread(target=self.run, daemon=True, name="xcr0run-audit")
         self.interval = interval
         self.supervisor = supervisor
         self.main = threading.main_thread().ident or 0
         self.done = threading.Event()
         signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
+
+    def start(self) -> None:
+        self.thread.start()
 
     def run(self) -> None:
         while not self.done.wait(self.interval):
