@@ -106,18 +106,11 @@ def isa_needs(path: str) -> list[IsaNeed]:
             continue
         seen.add(current)
         try:
-            with open(current, "rb") as f:
-                # Headers and notes sit at the start; read further only if they do not.
-                data = f.read(4 << 10)
-                end = isalevel.headers_end(data)
-                if end > len(data):
-                    data += f.read(min(end, 16 << 20) - len(data))
+            interp, level = _examine(current)
         except OSError:
             continue
-        level = isalevel.needed_level(data)
         if level:
             out.append(IsaNeed(current, level))
-        interp = isalevel.interpreter(data)
         if interp:
             todo.append(interp)
             libc = os.path.join(os.path.dirname(os.path.realpath(interp)), "libc.so.6")
@@ -125,6 +118,23 @@ def isa_needs(path: str) -> list[IsaNeed]:
             # Debian-style multiarch: the loader sits in /lib64, libc in lib/<triplet>.
             todo.append(os.path.join("/lib", "x86_64-linux-gnu", "libc.so.6"))
     return out
+
+
+def _examine(path: str) -> tuple[str | None, str | None]:
+    """isalevel.examine of the file at `path`: its first 4 KiB (the program headers),
+    and each part the notes and PT_INTERP occupy further on, read alone."""
+    with open(path, "rb") as f:
+        head = f.read(4 << 10)
+
+        def read(offset: int, size: int) -> bytes:
+            if offset + size <= len(head):
+                return head[offset : offset + size]
+            if size > 1 << 20:
+                return b""  # no note or loader path is this long: not a file to trust
+            f.seek(offset)
+            return f.read(size)
+
+        return isalevel.examine(head, read)
 
 
 def check_isa_level(path: str, view_level: str | None) -> None:
