@@ -83,10 +83,12 @@ main()
 """
 
 # Nothing for help text, suggestions, rich, JSON, profiles, --show or the tracer: the
-# standard library's heavier modules (dataclasses brings inspect, typing and re) and ours.
+# standard library's heavier modules (dataclasses brings inspect, typing and re; enum,
+# which signal.py imports, brings functools and collections) and ours.
 NOT_FOR_LAUNCHING = {
     "click", "rich", "psutil", "json", "difflib", "textwrap", "dataclasses", "inspect",
-    "typing", "re", "shutil", "threading", "argparse", "uuid", "datetime",
+    "typing", "re", "shutil", "threading", "argparse", "uuid", "datetime", "enum",
+    "signal", "functools", "collections", "contextlib", "math",
     "xcr0run.cli", "xcr0run.completion", "xcr0run.render", "xcr0run.describe",
     "xcr0run.xstate_report", "xcr0run.profiles", "xcr0run.profile_files",
     "xcr0run.envhints", "xcr0run.supervisor", "xcr0run.sigstate", "xcr0run._core",
@@ -101,7 +103,8 @@ def _launch_imports(args: list[str]) -> set[str]:
     )
     reports = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]
     assert reports, result.stderr
-    return {name for line in reports for name in line.split()[1:]}
+    # Less what the interpreter had loaded before any of ours (site's .pth files).
+    return {name for line in reports for name in line.split()[1:]} - _modules_after("")
 
 
 @pytest.mark.parametrize(

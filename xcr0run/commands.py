@@ -10,7 +10,6 @@ a program does not need; --show and the rest import what they need when called.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 from xcr0run import PROG, host
@@ -24,7 +23,7 @@ if TYPE_CHECKING:
 
     from xcr0run.cpuid import CpuidTable
     from xcr0run.envhints import EnvHint
-    from xcr0run.plan import Method, ViewSpec
+    from xcr0run.plan import ViewSpec
     from xcr0run.profiles import CpuidProfile
 
 
@@ -65,7 +64,7 @@ class CommandLine:
         show: bool = False,
         as_json: bool = False,
         pid: int | None = None,
-        method: str = "auto",
+        method: str = "auto",  # plan.Method.AUTO
         env_hints: bool = False,
         dump_cpuid: str | None = None,
         print_rr_flags: bool = False,
@@ -106,8 +105,6 @@ class CommandLine:
 
 def dispatch(line: CommandLine) -> int:
     """Do what `line` asks; the exit status, unless it runs a program (never returns)."""
-    from xcr0run.plan import Method
-
     code = host.xcr0_prctl_code(line.xcr0_prctl)
     if line.dump_cpuid is not None:
         if line.command or line.show:
@@ -121,8 +118,7 @@ def dispatch(line: CommandLine) -> int:
             if wanted.given:
                 raise UsageError("--pid does not go with --mask, --level or --profile")
             return _show_process(line.pid, line.as_json)
-        method = Method(line.method)
-        return _show(wanted, method, code, line.as_json, line.env_hints, line.xcr0_only)
+        return _show(wanted, line.method, code, line.as_json, line.env_hints, line.xcr0_only)
     if line.pid is not None:
         raise UsageError("--pid goes with --show")
     if line.as_json:
@@ -135,7 +131,7 @@ def dispatch(line: CommandLine) -> int:
         raise UsageError("no command given")
     if not wanted.given:
         raise UsageError("missing --mask (or --level, --profile)")
-    return _run(wanted, Method(line.method), code, line)
+    return _run(wanted, line.method, code, line)
 
 
 class Wanted:
@@ -210,7 +206,7 @@ def _print_rr_flags(wanted: Wanted) -> int:
 
 
 def _show(
-    wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool, xcr0_only: bool
+    wanted: Wanted, method: str, code: int, as_json: bool, env_hints: bool, xcr0_only: bool
 ) -> int:
     from xcr0run import describe, render, xstate_report
 
@@ -238,7 +234,7 @@ def _show_process(pid: int, as_json: bool) -> int:
     return 0
 
 
-def _run(wanted: Wanted, method: Method, code: int, line: CommandLine) -> NoReturn:
+def _run(wanted: Wanted, method: str, code: int, line: CommandLine) -> NoReturn:
     """Decide everything about the run, say it (unless -q), become the program."""
     from xcr0run import launcher, procfs, run
     from xcr0run.plan import plan_for
@@ -321,6 +317,7 @@ def finish(action: Callable[[], int | None]) -> NoReturn:
 def interrupted() -> NoReturn:
     """Ctrl-C before the program started: die of SIGINT, as the program would have."""
     import contextlib
+    import signal
 
     with contextlib.suppress(OSError, ValueError, AttributeError):
         sys.stderr.flush()

@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
     from xcr0run.cpuid import CpuidTable
     from xcr0run.envhints import EnvHint
-    from xcr0run.plan import Capabilities, Method, ViewSpec
+    from xcr0run.plan import Capabilities, ViewSpec
 
 
 def env_hints(plan: Plan) -> list[EnvHint]:
@@ -57,7 +57,7 @@ def describe_plan(
 def describe_spec(
     spec: ViewSpec,
     caps: Capabilities,
-    method: Method,
+    method: str,
     table: CpuidTable,
     with_hints: bool,
     xcr0_only: bool = False,

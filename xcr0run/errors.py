@@ -12,7 +12,7 @@ from xcr0run.status import ExitStatus
 class Xcr0runError(Exception):
     """An error of xcr0run itself; its message is one line for the user."""
 
-    status: ExitStatus = ExitStatus.FAILURE
+    status: int = ExitStatus.FAILURE
 
 
 class UsageError(Xcr0runError):
@@ -30,6 +30,6 @@ class UnsupportedError(Xcr0runError):
 class CommandError(Xcr0runError):
     """The command to run could not be started."""
 
-    def __init__(self, message: str, status: ExitStatus) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status

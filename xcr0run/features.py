@@ -51,8 +51,6 @@ xcr0run.features`) to print the self-check and the table's size.
 
 from __future__ import annotations
 
-import functools
-
 from xcr0run.cpuid import REGISTERS
 
 TYPE_CHECKING = False
@@ -867,8 +865,21 @@ def locations(name: str) -> tuple[Location, ...]:
 # -- the dependency graph -----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
+# Closures already walked. A dict, not functools.lru_cache: functools (with collections)
+# would be one more import at start-up. A process asks for a few; the bound is a guard.
+_CLOSURES: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
+
+
 def _closure(start: frozenset[str], downward: bool) -> frozenset[str]:
+    found = _CLOSURES.get((start, downward))
+    if found is None:
+        if len(_CLOSURES) >= 256:
+            _CLOSURES.clear()
+        found = _CLOSURES[(start, downward)] = _walk(start, downward)
+    return found
+
+
+def _walk(start: frozenset[str], downward: bool) -> frozenset[str]:
     seen = set(start)
     todo = list(start)
     while todo:

@@ -4,11 +4,9 @@ directly or with a tracing helper beside it (XCR0, seccomp filter, dispositions)
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
-import signal
 
 from xcr0run import _native, host, isalevel, procfs, seccomp
 from xcr0run.errors import CommandError, UnsupportedError
@@ -29,6 +27,17 @@ if TYPE_CHECKING:
     # is a copy of the program's (-1 if it had none), for the helper to close when done.
     Attached = Callable[[str | None], None]
     Tracer = Callable[[int, Attached, int], int]
+
+# The dispositions are set through signal's C half, which has the same functions without
+# the enums signal.py wraps around them: importing enum (with functools and collections)
+# took several milliseconds of each start. mypy reads signal's description of them.
+if TYPE_CHECKING:
+    import signal
+else:
+    try:
+        import _signal as signal
+    except ImportError:  # not CPython's layout
+        import signal
 
 
 def which(name: str) -> str | None:
@@ -355,6 +364,8 @@ def _read_line(fd: int) -> str:
 
 def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozenset[int]) -> int:
     """The helper's life: tell the program our pid, wait for its go, trace it."""
+    import contextlib  # here: the helper's alone, and an import less for every start
+
     told = False
 
     def attached(error: str | None) -> None:
@@ -381,6 +392,8 @@ def _detach_stdio(keep: frozenset[int]) -> int:
     """Let go of everything the program's caller could wait on (a pipeline, `$(...)`,
     a terminal): /dev/null on 0-2, every other descriptor closed. Returns a copy of
     stderr, -1 if there was none."""
+    import contextlib  # here: the helper's alone, and an import less for every start
+
     try:
         stderr = os.dup(2)
     except OSError:

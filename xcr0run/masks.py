@@ -45,7 +45,7 @@ def _removable() -> list[tuple[str, int]]:
     grouped = {m for members in xsave.GROUPS.values() for m in members}
     out = []
     for c in xsave.COMPONENTS:
-        if c.scope is xsave.Scope.USER and c.number != 0 and c.name not in grouped:
+        if c.scope == xsave.Scope.USER and c.number != 0 and c.name not in grouped:
             out.append((c.name, c.bit))
     for group in xsave.GROUPS:
         if not xsave.NAMES[group] & xsave.SUPERVISOR_BITS:
@@ -170,7 +170,7 @@ def complete(
     if presets and not head and not sign:
         out += [(p.name, p.description) for p in PRESETS.values() if p.name.startswith(stem)]
     for c in xsave.COMPONENTS:
-        if c.scope is not xsave.Scope.USER or (host is not None and not host & c.bit):
+        if c.scope != xsave.Scope.USER or (host is not None and not host & c.bit):
             continue
         if sign == "-" and c.bit & 1:
             continue  # x87 can never be removed

@@ -4,8 +4,6 @@ Pure: the facts about the host come in as arguments.
 
 from __future__ import annotations
 
-import enum
-
 from xcr0run import xsave
 from xcr0run.errors import UnsupportedError
 from xcr0run.view import CpuidView, level_restriction
@@ -24,11 +22,14 @@ if TYPE_CHECKING:
 PATCH_XCR0_BITS = 0x3FF
 
 
-class Method(str, enum.Enum):
+class Method:
+    """--method's values (strings, not an enum: see ExitStatus in status.py)."""
+
     AUTO = "auto"
     KERNEL = "kernel"  # ARCH_SET_XCR0 changes the hardware XCR0
     CPUID = "cpuid"  # CPUID faulting under ptrace; XCR0 unchanged
     ENV = "env"  # library knobs only (--env-hints), where nothing else is available
+    ALL = (AUTO, KERNEL, CPUID, ENV)
 
 
 class Capabilities:
@@ -134,7 +135,7 @@ class Plan:
 def make_plan(
     mask: int,
     caps: Capabilities,
-    method: Method = Method.AUTO,
+    method: str = Method.AUTO,
     extra_hidden: Iterable[str] = (),
     grant_amx: bool = False,
     added: Iterable[str] = (),
@@ -157,18 +158,18 @@ def make_plan(
         raise UnsupportedError("--grant-amx: the mask hides AMX")
     if xcr0_only:
         return xcr0_only_plan(mask, caps, method, bool(extra or added or identity), grant_amx)
-    if method is Method.ENV:
+    if method == Method.ENV:
         return Plan(mask, False, False, deny_amx, view(False), grant_amx, env_only=True)
-    if mask == caps.xcr0 and not extra and not added and not identity and method is Method.AUTO:
+    if mask == caps.xcr0 and not extra and not added and not identity and method == Method.AUTO:
         return Plan(mask, False, False, False, view(False), grant_amx)
     want_kernel = method in (Method.AUTO, Method.KERNEL) and mask != caps.xcr0
-    if method is Method.KERNEL and not caps.set_xcr0:
+    if method == Method.KERNEL and not caps.set_xcr0:
         raise UnsupportedError(f"--method kernel: {caps.set_xcr0_detail}")
-    if method is Method.CPUID and not caps.faulting:
+    if method == Method.CPUID and not caps.faulting:
         raise UnsupportedError(f"--method cpuid: no CPUID faulting ({caps.faulting_detail})")
     # The 2020 RFC patch refuses components from bit 10 up (AMX): such masks need cpuid.
     kernel_fits = not mask & ~caps.set_xcr0_limit
-    if method is Method.KERNEL and not kernel_fits:
+    if method == Method.KERNEL and not kernel_fits:
         raise UnsupportedError(
             "--method kernel: ARCH_SET_XCR0 (the 2020 patch) refuses components above bit 9 "
             f"({', '.join(c.name for c in xsave.components(mask & ~caps.set_xcr0_limit))})"
@@ -185,7 +186,7 @@ def make_plan(
 
 
 def plan_for(
-    spec: ViewSpec, caps: Capabilities, method: Method, grant_amx: bool, xcr0_only: bool = False
+    spec: ViewSpec, caps: Capabilities, method: str, grant_amx: bool, xcr0_only: bool = False
 ) -> Plan:
     """make_plan for what the user asked (`spec`)."""
     return make_plan(
@@ -201,14 +202,14 @@ def plan_for(
 
 
 def xcr0_only_plan(
-    mask: int, caps: Capabilities, method: Method, cpuid_edits: bool, grant_amx: bool
+    mask: int, caps: Capabilities, method: str, cpuid_edits: bool, grant_amx: bool
 ) -> Plan:
     """--xcr0-only: the state a hypervisor or OS leaves behind when it enables less in
     XCR0 than CPUID advertises (AVX-512 off in XCR0, avx512f still set in CPUID). Only
     ARCH_SET_XCR0 can do that: CPUID stays the host's (OSXSAVE and leaf 0xD follow the
     new XCR0 by themselves), so nothing is trapped and nothing hidden."""
     if method not in (Method.AUTO, Method.KERNEL):
-        raise UnsupportedError(f"--xcr0-only works through the kernel, not --method {method.value}")
+        raise UnsupportedError(f"--xcr0-only works through the kernel, not --method {method}")
     if cpuid_edits:
         raise UnsupportedError(
             "--xcr0-only leaves CPUID as the host's; --level and --profile change CPUID"

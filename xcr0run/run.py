@@ -9,9 +9,7 @@ the traced tree.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 
 from xcr0run import PROG, host, launcher
 from xcr0run.errors import Xcr0runError
@@ -131,6 +129,8 @@ class RunResult:
 
 
 def write_report(fd: int, result: RunResult) -> None:
+    import contextlib
+
     from xcr0run import render
 
     with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
@@ -214,6 +214,8 @@ class ProgramTracer:
         return 0
 
     def say(self, line: str) -> None:
+        import contextlib  # the helper's: an import less for a start without one
+
         if self.stderr >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.stderr, f"{PROG}: {line}\n".encode())
@@ -264,15 +266,11 @@ class ProgramTracer:
         return exit_status(code, failed)
 
 
-# The tracer sleeps in waitpid; the audit's timer wakes it with a signal whose default
-# action is to ignore it, aimed at the main thread, whose handler then does the work.
-_WAKE_SIGNAL = signal.SIGURG
-
-
 class _Ticker:
     """Periodic audit samples (--audit-interval), from a thread of their own."""
 
     def __init__(self, interval: float, supervisor: Supervisor) -> None:
+        import signal
         import threading
 
         self.thread = threading.Thread(target=self.run, daemon=True, name="xcr0run-audit")
@@ -280,15 +278,20 @@ class _Ticker:
         self.supervisor = supervisor
         self.main = threading.main_thread().ident or 0
         self.done = threading.Event()
-        signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
+        # The tracer sleeps in waitpid; this wakes it with a signal whose default action
+        # is to ignore it, aimed at the main thread, whose handler then does the work.
+        self.wake = signal.SIGURG
+        signal.signal(self.wake, lambda _s, _f: supervisor.on_wakeup())
 
     def start(self) -> None:
         self.thread.start()
 
     def run(self) -> None:
+        import signal
+
         while not self.done.wait(self.interval):
             self.supervisor.sample_due = True
-            signal.pthread_kill(self.main, _WAKE_SIGNAL)
+            signal.pthread_kill(self.main, self.wake)
 
     def stop(self) -> None:
         self.done.set()

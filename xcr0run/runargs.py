@@ -17,13 +17,13 @@ import stat
 from xcr0run import host
 from xcr0run.commands import CommandLine
 from xcr0run.errors import MaskError
+from xcr0run.plan import Method
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
 
-# The click command's choices (cli.py uses these; a test compares them with click's).
-METHODS = ("auto", "kernel", "cpuid", "env")
+METHODS = Method.ALL  # --method's choices, for click's definition too
 COMPLETE_ENV = "_XCR0RUN_COMPLETE"  # click's shell-completion request for prog "xcr0run"
 
 # Options a run is written with: flags (name -> value) and options taking one value.
@@ -148,7 +148,7 @@ def _converted(
     mask, level, method = text("mask"), text("level"), text("method")
     report, interval, expected = text("report"), text("audit_interval"), text("expect_used")
     if method is None:
-        method = "auto"
+        method = Method.AUTO
     prctl = text("xcr0_prctl")
     if prctl is None:  # click reads the variable only when the option is absent, and empty is unset
         prctl = environ.get(host.XCR0_PRCTL_ENV) or None

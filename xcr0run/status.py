@@ -9,10 +9,11 @@ that ended it. The audit alone may change it (`exit_status`).
 
 from __future__ import annotations
 
-import enum
 
+class ExitStatus:
+    """The statuses as plain ints: an IntEnum would import enum (with functools and
+    collections), several milliseconds of a launcher's start-up."""
 
-class ExitStatus(enum.IntEnum):
     OK = 0
     # --strict, --expect-used: the program ran, but the audit failed (distinct from
     # 125-127 and from the 128+N a shell reports for signals).

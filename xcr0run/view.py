@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 def hidden_features(mask: int, host_xcr0: int, extra: Iterable[str] = ()) -> frozenset[str]:
     """Every feature a program must not see when XCR0 is cut from host_xcr0 to mask."""
     lost = xsave.dependents(host_xcr0 & ~mask)
-    roots = {c.feature for c in xsave.components(lost) if c.scope is xsave.Scope.USER}
+    roots = {c.feature for c in xsave.components(lost) if c.scope == xsave.Scope.USER}
     return features.dependents(features.hideable(roots | set(extra)))
 
 
@@ -34,7 +34,7 @@ def usable_features(
     """Features present in `table` whose state XCR0 enables (what glibc calls usable);
     only those `among` (canonical names) when given."""
     disabled = {
-        c.feature for c in xsave.COMPONENTS if c.scope is xsave.Scope.USER and not xcr0 & c.bit
+        c.feature for c in xsave.COMPONENTS if c.scope == xsave.Scope.USER and not xcr0 & c.bit
     }
     present = features.present_in(table, among)
     return present - features.dependents(features.hideable(disabled))

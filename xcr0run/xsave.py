@@ -10,8 +10,6 @@ Pure module: no ctypes, no I/O.
 
 from __future__ import annotations
 
-import enum
-
 TYPE_CHECKING = False  # typing and collections.abc cost start-up time; only mypy needs them
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
@@ -20,7 +18,9 @@ if TYPE_CHECKING:
 # dataclasses (with inspect) costs more than everything here.
 
 
-class Scope(str, enum.Enum):
+class Scope:
+    """Where a component is enabled (strings, not an enum: see ExitStatus in status.py)."""
+
     USER = "user"  # enabled through XCR0
     SUPERVISOR = "supervisor"  # enabled through IA32_XSS, never in XCR0
 
@@ -33,7 +33,7 @@ class XSaveComponent:
         number: int,
         name: str,
         title: str,
-        scope: Scope,
+        scope: str,  # Scope.USER or Scope.SUPERVISOR
         feature: str,  # the CPUID feature (features.py) that enumerates it
         aliases: tuple[str, ...] = (),
     ) -> None:
@@ -87,8 +87,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "amx": ("tilecfg", "tiledata"),
 }
 
-USER_BITS: int = sum(c.bit for c in COMPONENTS if c.scope is Scope.USER)
-SUPERVISOR_BITS: int = sum(c.bit for c in COMPONENTS if c.scope is Scope.SUPERVISOR)
+USER_BITS: int = sum(c.bit for c in COMPONENTS if c.scope == Scope.USER)
+SUPERVISOR_BITS: int = sum(c.bit for c in COMPONENTS if c.scope == Scope.SUPERVISOR)
 
 
 def _build_names() -> dict[str, int]:

@@ -102,7 +102,7 @@ def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[Com
     supervisor_supported = ecx1 | edx1 << 32
     rows = []
     for c in xsave.COMPONENTS:
-        user = c.scope is xsave.Scope.USER
+        user = c.scope == xsave.Scope.USER
         supported = bool((user_supported if user else supervisor_supported) & c.bit)
         offset: int | None
         if c.number in _LEGACY:
@@ -117,7 +117,7 @@ def component_rows(table: CpuidTable, xcr0: int, xinuse: int | None) -> list[Com
                 number=c.number,
                 name=c.name,
                 title=c.title,
-                scope=c.scope.value,
+                scope=c.scope,
                 supported=supported,
                 enabled=bool(xcr0 & c.bit) if user else None,
                 in_use=None if xinuse is None or not user else bool(xinuse & c.bit),
