@@ -37,7 +37,7 @@ from distutils.sysconfig import customize_compiler
 CORE_LIBRARY = "libxcr0run_core.so"
 ENTRY_SOURCE = "xcr0run/_entry.c"
 COMMAND = "xcr0run"
-CONSOLE_SCRIPT = f"{COMMAND} = xcr0run.cli:main"
+CONSOLE_SCRIPT = f"{COMMAND} = xcr0run.__main__:main"
 # The interpreter the entry looks for first: this one's version, which the wheel's tag
 # (cpXY, from the core) is for, so no other can install it.
 ENTRY_PYTHON = f"python{sys.version_info[0]}.{sys.version_info[1]}"

@@ -4,8 +4,10 @@
     python3 bench/startup.py [--runs N] [--python VENV/bin/python]
 
 With --python, that interpreter's installed xcr0run is timed (byte-compiled at install,
-as users run it); without, this checkout's (compiled at every start when
-PYTHONDONTWRITEBYTECODE is set, which inflates its rows).
+as users run it): the runs start in /, since `python -m` puts the current directory
+first on sys.path, and from the checkout's root that would time the checkout instead.
+Without --python, this checkout's (compiled at every start when PYTHONDONTWRITEBYTECODE
+is set, which inflates its rows).
 
 Rows: `python -c pass`; xcr0run with nothing to trap or audit (it execs the program
 directly); xcr0run with the tracing helper (`--audit`, which needs no CPUID faulting);
@@ -35,6 +37,7 @@ def main() -> int:
     args = parser.parse_args()
     runs, python = args.runs, args.python or sys.executable
     env = dict(os.environ) if args.python else dict(os.environ, PYTHONPATH=str(ROOT))
+    cwd = "/" if args.python else None
     xcr0run = [python, "-m", "xcr0run", "-q", "-m", "host"]
     rows = {
         "python -c pass": [python, "-c", "pass"],
@@ -68,7 +71,7 @@ def main() -> int:
         times = []
         for _ in range(runs):
             start = time.perf_counter()
-            subprocess.run(argv, env=env, check=True)
+            subprocess.run(argv, env=env, cwd=cwd, check=True)
             times.append((time.perf_counter() - start) * 1000)
         low = min(times)
         base = low if base is None else base

@@ -107,6 +107,12 @@ def test_expect_used_fails_when_it_did_not(touch) -> None:
     assert "xcr0run: audit: no use of amx" in result.stderr
 
 
+def test_a_failed_audit_leaves_a_failing_programs_status_alone() -> None:
+    result = xcr0run(["-q", "-m", "host", "--expect-used", "amx", "--", "sh", "-c", "exit 3"])
+    assert result.returncode == 3
+    assert "xcr0run: audit: no use of amx" in result.stderr
+
+
 def test_expect_used_rejects_unknown_names() -> None:
     result = xcr0run(["-m", "host", "--expect-used", "avx513", "--", "true"])
     assert result.returncode == 125

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from tests.conftest import xcr0run
-from xcr0run import envhints, features, host, inspect, profiles
+from xcr0run import envhints, features, host, profile_files, profiles
 from xcr0run.plan import ViewSpec, shape_view
 from xcr0run.view import CpuidView, level_restriction
 
@@ -154,15 +154,15 @@ def test_imports_of_other_tools_dumps(render) -> None:
 
 
 def test_reference_profiles_load_and_cite_their_source() -> None:
-    for name in inspect.reference_profiles():
-        profile = inspect.load_profile(name)
+    for name in profile_files.reference_profiles():
+        profile = profile_files.load_profile(name)
         assert profile.source and profile.features()
         assert "fpu" in profile.features() and "sse2" in profile.features()
-    haswell = inspect.load_profile("haswell")
+    haswell = profile_files.load_profile("haswell")
     assert {"avx2", "fma", "bmi2", "movbe"} <= haswell.features()
     assert "avx512f" not in haswell.features() and haswell.effective_xcr0() == 0x7
     assert features.psabi_level(haswell.features()) == "x86-64-v3"
-    skx = inspect.load_profile("skylake-server")
+    skx = profile_files.load_profile("skylake-server")
     assert features.psabi_level(skx.features()) == "x86-64-v4"
 
 
@@ -173,12 +173,12 @@ def _seen_under(spec: ViewSpec) -> frozenset[str]:
     return features.present_in(view.apply(TABLE))
 
 
-@pytest.mark.parametrize("name", inspect.reference_profiles())
+@pytest.mark.parametrize("name", profile_files.reference_profiles())
 def test_no_shipped_profile_hides_what_a_running_program_needs(name: str) -> None:
     """On this machine, every shipped profile leaves a 64-bit program its long mode, NX
     and the rest of what it runs on, and shows every feature it lists that the host has:
     a profile that leaves out a system bit (PAE) must not take its dependents (LM, NX)."""
-    profile = inspect.load_profile(name)
+    profile = profile_files.load_profile(name)
     seen = _seen_under(shape_view(XCR0, TABLE, profile=profile, force=True))
     on_host = features.present_in(TABLE)
     assert features.RUNNING_64BIT & on_host <= seen
@@ -202,7 +202,10 @@ def test_show_profile_keeps_long_mode_and_nx() -> None:
 
 
 def test_common_subset_of_several_profiles() -> None:
-    haswell, skx = inspect.load_profile("haswell"), inspect.load_profile("skylake-server")
+    haswell, skx = (
+        profile_files.load_profile("haswell"),
+        profile_files.load_profile("skylake-server"),
+    )
     both = profiles.common([skx, haswell])
     assert both.features() == skx.features() & haswell.features()
     assert both.effective_xcr0() == 0x7
@@ -210,7 +213,7 @@ def test_common_subset_of_several_profiles() -> None:
 
 
 def test_a_profile_with_features_the_host_lacks_is_refused() -> None:
-    extra = profiles.profile_view(inspect.load_profile("skylake-server"), TABLE, XCR0).missing
+    extra = profiles.profile_view(profile_files.load_profile("skylake-server"), TABLE, XCR0).missing
     if not extra:
         pytest.skip("this CPU has every skylake-server feature")
     result = xcr0run(["--show", "--profile", "skylake-server"])
@@ -233,7 +236,7 @@ def test_show_profile_lists_the_differences() -> None:
 
 
 def test_profile_identity_reaches_the_view() -> None:
-    haswell = inspect.load_profile("haswell")
+    haswell = profile_files.load_profile("haswell")
     pv = profiles.profile_view(haswell, TABLE, XCR0)
     view = CpuidView.build(pv.mask, XCR0, extra_hidden=pv.hidden, identity=pv.identity)
     seen = view.apply(TABLE)
@@ -250,7 +253,7 @@ def test_a_profiles_brand_string_arrives_whole(name: str) -> None:
     path = os.path.join(os.path.dirname(profiles.__file__), "profiles", f"{name}.json")
     with open(path) as f:
         brand = json.load(f)["brand"]
-    pv = profiles.profile_view(inspect.load_profile(name), TABLE, XCR0)
+    pv = profiles.profile_view(profile_files.load_profile(name), TABLE, XCR0)
     seen = CpuidView.build(pv.mask, XCR0, identity=pv.identity).apply(TABLE)
     raw = b"".join(
         r.to_bytes(4, "little")

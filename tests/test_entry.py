@@ -181,7 +181,7 @@ def test_pythonpath_comes_first_as_for_a_console_script(
     fake = tmp_path / "path" / "xcr0run"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
-    (fake / "cli.py").write_text("import sys\ndef main():\n    print(sys.argv)\n")
+    (fake / "__main__.py").write_text("import sys\ndef main():\n    print(sys.argv)\n")
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "path"), PYTHONSAFEPATH=safe_path)
     result = subprocess.run([entry, "-x", "y"], capture_output=True, text=True, env=env)
     assert result.stdout == f"{[entry, '-x', 'y']}\n"
@@ -266,7 +266,7 @@ def test_without_a_compiler_the_command_is_pip_s_console_script(tmp_path: Path) 
     names = zipfile.ZipFile(wheel).namelist()
     (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
-    assert "[console_scripts]\nxcr0run = xcr0run.cli:main" in text
+    assert "[console_scripts]\nxcr0run = xcr0run.__main__:main" in text
 
 
 @pytest.mark.parametrize(

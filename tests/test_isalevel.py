@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -48,3 +49,25 @@ def test_libc_needs_at_least_baseline() -> None:
         pytest.skip("this distribution's libc carries no ISA-level marker")
     with pytest.raises(UnsupportedError, match="CPU ISA level is lower than required"):
         launcher.check_isa_level("/bin/true", None)
+
+
+def _loader_and_libc() -> list[str]:
+    loader = os.path.realpath("/lib64/ld-linux-x86-64.so.2")
+    libc = os.path.join(os.path.dirname(loader), "libc.so.6")
+    return ["/bin/true", loader, *([libc] if os.path.exists(libc) else [])]
+
+
+@pytest.mark.parametrize("path", _loader_and_libc())
+def test_examine_reads_only_the_headers_and_the_parts_it_needs(path: str) -> None:
+    """Found as the whole file would have it, reading a few KiB: libc.so.6 has its
+    PT_INTERP 1.7 MB in, and reading up to it cost most of a launch's own work."""
+    whole = _read(path)
+    asked: list[int] = []
+
+    def read(offset: int, size: int) -> bytes:
+        asked.append(size)
+        return whole[offset : offset + size]
+
+    found = isalevel.examine(whole[:4096], read)
+    assert found == (isalevel.interpreter(whole), isalevel.needed_level(whole))
+    assert sum(asked) < 4096

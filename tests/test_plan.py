@@ -11,7 +11,9 @@ from xcr0run.plan import Capabilities, Method, make_plan
 HOST = 0x602E7
 
 
-def caps(*, faulting: bool, set_xcr0: bool, amx: bool = True) -> Capabilities:
+def caps(
+    *, faulting: bool, set_xcr0: bool, amx: bool = True, limit: int = (1 << 64) - 1
+) -> Capabilities:
     return Capabilities(
         xcr0=HOST,
         faulting=faulting,
@@ -19,6 +21,7 @@ def caps(*, faulting: bool, set_xcr0: bool, amx: bool = True) -> Capabilities:
         set_xcr0=set_xcr0,
         set_xcr0_detail="sets XCR0" if set_xcr0 else "no ARCH_SET_XCR0 at code 0x1021",
         amx_supported=amx,
+        set_xcr0_limit=limit,
     )
 
 
@@ -97,9 +100,7 @@ def test_xcr0_only_needs_the_kernel_path() -> None:
 
 
 def test_the_rfc_patch_keeps_amx_out_of_reach_ours_does_not() -> None:
-    from dataclasses import replace
-
-    rfc = replace(FakeKernelWithSetXcr0NoFaulting, set_xcr0_limit=0x3FF)
+    rfc = caps(faulting=False, set_xcr0=True, limit=0x3FF)
     with pytest.raises(UnsupportedError, match="refuses components above bit 9"):
         make_plan(0x60007, rfc, Method.KERNEL)
     assert make_plan(0x60007, FakeKernelWithSetXcr0NoFaulting, Method.KERNEL).set_xcr0

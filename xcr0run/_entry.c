@@ -56,7 +56,7 @@ static const char BOOT[] =
     "    del sys.path[0]\n"
     "del sys.argv[0]\n"
     "try:\n"
-    "    from xcr0run.cli import main\n"
+    "    from xcr0run.__main__ import main\n"
     "except ImportError as err:\n"
     "    if sys.stderr:\n"
     "        sys.stderr.write(f'xcr0run: {sys.executable} cannot import xcr0run: {err}\\n')\n"

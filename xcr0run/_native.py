@@ -11,8 +11,11 @@ from __future__ import annotations
 import ctypes
 import errno as _errno
 import os
-from collections.abc import Callable, Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -310,16 +313,6 @@ def arch_prctl_raw(code: int, arg: int) -> int:
     """arch_prctl without raising: the result, or -errno."""
     result = _libc.syscall(SYS_arch_prctl, ctypes.c_ulong(code), ctypes.c_ulong(arg))
     return -ctypes.get_errno() if result == -1 else result
-
-
-def address_mapped(address: int, length: int = 8) -> bool:
-    """Whether [address, address+length) touches a mapping of this process."""
-    with open("/proc/self/maps") as f:
-        for line in f:
-            lo, hi = (int(x, 16) for x in line.split(None, 1)[0].split("-"))
-            if lo < address + length and address < hi:
-                return True
-    return False
 
 
 # -- seccomp ----------------------------------------------------------------------------------

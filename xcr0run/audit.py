@@ -7,11 +7,12 @@ Pure module: the samples come in as numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
-
 from xcr0run import PROG, xsave
 from xcr0run.masks import format_mask
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any
 
 # What sampling cannot see is said once, in the docs (README "Proving it", xcr0run(1)
 # NOTES); a clean result points there.
@@ -21,14 +22,20 @@ LIMITS = f"limits: man {PROG}, NOTES"
 NOT_JUDGED = xsave.NAMES["pkru"]
 
 
-@dataclass
+# Plain classes, not dataclasses: the launcher makes an AuditLog before it starts the
+# helper, and importing dataclasses (with inspect) costs start-up time.
+
+
 class ThreadUse:
-    tid: int
-    pid: int
-    comm: str
-    exe: str
-    seen: int = 0  # union of XSTATE_BV over all samples
-    samples: int = 0
+    __slots__ = ("comm", "exe", "pid", "samples", "seen", "tid")
+
+    def __init__(self, tid: int, pid: int, comm: str, exe: str) -> None:
+        self.tid = tid
+        self.pid = pid
+        self.comm = comm
+        self.exe = exe
+        self.seen = 0  # union of XSTATE_BV over all samples
+        self.samples = 0
 
     def to_json(self, hidden: int) -> dict[str, Any]:
         return {
@@ -42,11 +49,13 @@ class ThreadUse:
         }
 
 
-@dataclass
 class AuditLog:
-    hidden: int  # components the mask hides
-    # Keyed by thread and program: a thread that execs is a new program to account for.
-    threads: dict[tuple[int, str], ThreadUse] = field(default_factory=dict)
+    __slots__ = ("hidden", "threads")
+
+    def __init__(self, hidden: int) -> None:
+        self.hidden = hidden  # components the mask hides
+        # Keyed by thread and program: a thread that execs is a new program to account for.
+        self.threads: dict[tuple[int, str], ThreadUse] = {}
 
     def note(self, tid: int, pid: int, xstate_bv: int, comm: str, exe: str) -> None:
         use = self.threads.get((tid, exe))

@@ -1,16 +1,13 @@
-"""The command line: click definitions, messages, exit statuses. The only module that
-prints or exits; everything it does goes through the library.
+"""The command line as click defines it: options, their types, help, completion, and
+`main`, which maps click's errors to messages and statuses. What each form of the
+command line does is in commands.py; a plain run is parsed without click (runargs.py,
+through __main__.py), so this module is imported only when click is needed.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import signal
-import sys
 import textwrap
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
@@ -20,11 +17,9 @@ if TYPE_CHECKING:
     from xcr0run.profiles import CpuidProfile
 
 import xcr0run.completion  # noqa: F401  (its completion classes know mask edits)
-from xcr0run import PROG, __version__, host, masks
-from xcr0run.cpuid import CpuidTable
-from xcr0run.errors import ExitStatus, MaskError, Xcr0runError
-from xcr0run.plan import Method, ViewSpec, shape_view
-from xcr0run.run import AuditChoice
+from xcr0run import PROG, __version__, commands, host, masks, runargs
+from xcr0run.errors import MaskError, Xcr0runError
+from xcr0run.status import ExitStatus
 from xcr0run.view import LEVELS
 
 # Help lines fit 80 columns: click indents the epilog by 2, the text column is at 19.
@@ -66,9 +61,7 @@ class MaskParam(click.ParamType):
         if isinstance(value, tuple):
             return value
         try:
-            if self.rules:
-                return (value, masks.parse_mask(value, host.xcr0()))
-            return (value, masks.parse_components(value))
+            return runargs.mask_value(value) if self.rules else runargs.components_value(value)
         except MaskError as err:
             self.fail(str(err), param, ctx)
 
@@ -88,22 +81,22 @@ class ProfileParam(click.ParamType):
     name = "PROFILE"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        from xcr0run import inspect
+        from xcr0run import profile_files
         from xcr0run.profiles import CpuidProfile
 
         if isinstance(value, CpuidProfile):
             return value
         try:
-            return inspect.load_profile(value)
+            return profile_files.load_profile(value)
         except Xcr0runError as err:
             self.fail(str(err), param, ctx)
 
     def shell_complete(
         self, ctx: click.Context, param: click.Parameter, incomplete: str
     ) -> list[CompletionItem]:
-        from xcr0run import inspect
+        from xcr0run import profile_files
 
-        names = [n for n in inspect.reference_profiles() if n.startswith(incomplete)]
+        names = [n for n in profile_files.reference_profiles() if n.startswith(incomplete)]
         return [CompletionItem(n) for n in names] + [CompletionItem(incomplete, type="file")]
 
 
@@ -116,12 +109,9 @@ class Seconds(click.ParamType):
         if isinstance(value, float):
             return value
         try:
-            seconds = float(value)
-        except ValueError:
-            seconds = math.nan
-        if not (math.isfinite(seconds) and seconds >= 0.001):
-            self.fail(f"not a time of at least 0.001 seconds: {value!r}", param, ctx)
-        return seconds
+            return runargs.seconds(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 class PrctlCode(click.ParamType):
@@ -131,9 +121,9 @@ class PrctlCode(click.ParamType):
         if isinstance(value, int):
             return value
         try:
-            return int(value, 0)
-        except ValueError:
-            self.fail(f"not a number: {value!r} (try 0x1014)", param, ctx)
+            return runargs.prctl_code(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
 
 
 @click.command(
@@ -167,8 +157,8 @@ class PrctlCode(click.ParamType):
 )
 @click.option(
     "--method",
-    type=click.Choice([m.value for m in Method]),
-    default=Method.AUTO.value,
+    type=click.Choice(runargs.METHODS),
+    default="auto",
     show_default=True,
     help="kernel: ARCH_SET_XCR0; cpuid: CPUID faulting under ptrace; env: library knobs "
     "only; auto: best available.",
@@ -256,215 +246,49 @@ def cli(
 ) -> Any:
     """Run COMMAND so that it sees only the chosen XSAVE state components and the
     CPU features that depend on them, or show what this thread's XCR0 really is."""
-    code = host.xcr0_prctl_code(xcr0_prctl)
-    if dump_cpuid is not None:
-        if command or show:
-            raise click.UsageError("--dump-cpuid takes no command and no --show")
-        return _dump(dump_cpuid)
-    wanted = Wanted(mask, level, profiles, force)
-    if show:
-        if command:
-            raise click.UsageError("--show takes no command")
-        if pid is not None:
-            if wanted.given:
-                raise click.UsageError("--pid does not go with --mask, --level or --profile")
-            return _show_process(pid, as_json)
-        return _show(wanted, Method(method), code, as_json, env_hints, xcr0_only)
-    if pid is not None:
-        raise click.UsageError("--pid goes with --show")
-    if as_json:
-        raise click.UsageError("--json goes with --show")
-    if print_rr_flags:
-        if not wanted.given:
-            raise click.UsageError("--print-rr-flags needs --mask, --level or --profile")
-        return _print_rr_flags(wanted)
-    if not command:
-        raise click.UsageError("no command given")
-    if not wanted.given:
-        raise click.UsageError("missing --mask (or --level, --profile)")
-    checks = AuditChoice(audit, audit_interval, expect_used[1] if expect_used else [], strict)
-    return _run(
-        wanted,
-        Method(method),
-        code,
-        command,
-        quiet,
-        report,
-        checks,
-        grant_amx,
-        env_hints,
-        xcr0_only,
-    )
-
-
-@dataclass(frozen=True)
-class Wanted:
-    """The view asked for on the command line."""
-
-    mask: tuple[str, int] | None
-    level: str | None
-    profiles: tuple[CpuidProfile, ...]
-    force: bool
-
-    @property
-    def given(self) -> bool:
-        return self.mask is not None or self.level is not None or bool(self.profiles)
-
-    def shape(self, host_xcr0: int, table: CpuidTable) -> ViewSpec:
-        profile = None
-        if self.profiles:
-            from xcr0run.profiles import common
-
-            profile = common(self.profiles)
-        return shape_view(host_xcr0, table, self.mask, self.level, profile, self.force)
-
-
-def _dump(target: str) -> int:
-    from xcr0run import inspect, render
-
-    text = render.to_json(inspect.dump_cpuid()) + "\n"
-    if target == "-":
-        click.echo(text, nl=False)
-        return 0
-    try:
-        with open(target, "w") as f:
-            f.write(text)
-    except OSError as err:
-        raise Xcr0runError(f"cannot write {target}: {err.strerror}") from err
-    return 0
-
-
-def _print_rr_flags(wanted: Wanted) -> int:
-    from xcr0run.view import CpuidView, rr_record_flags
-
-    host_xcr0, table = host.xcr0(), host.cpuid_table()
-    spec = wanted.shape(host_xcr0, table)
-    view = CpuidView.build(spec.mask, host_xcr0, False, spec.extra_hidden)
-    flags, uncovered = rr_record_flags(view, table)
-    click.echo(" ".join(flags))
-    if uncovered:
-        click.echo(
-            f"{PROG}: rr cannot mask these (leaves other than 1, 7.0 and 0xD.1): "
-            f"{' '.join(uncovered)}",
-            err=True,
+    return commands.dispatch(
+        commands.CommandLine(
+            mask=mask,
+            level=level,
+            profiles=profiles,
+            show=show,
+            as_json=as_json,
+            pid=pid,
+            method=method,
+            env_hints=env_hints,
+            dump_cpuid=dump_cpuid,
+            print_rr_flags=print_rr_flags,
+            quiet=quiet,
+            report=report,
+            force=force,
+            audit=audit,
+            audit_interval=audit_interval,
+            expect_used=expect_used,
+            strict=strict,
+            grant_amx=grant_amx,
+            xcr0_prctl=xcr0_prctl,
+            xcr0_only=xcr0_only,
+            command=command,
         )
-    return 0
-
-
-def _show(
-    wanted: Wanted, method: Method, code: int, as_json: bool, env_hints: bool, xcr0_only: bool
-) -> int:
-    from xcr0run import inspect, render
-
-    caps = inspect.capabilities(code)
-    table = host.cpuid_table()
-    report = inspect.gather(caps, code, table)
-    if wanted.given:
-        spec = wanted.shape(caps.xcr0, table)
-        report.plan = inspect.describe_spec(spec, caps, method, table, env_hints, xcr0_only)
-    if as_json:
-        click.echo(render.to_json(report.to_json()))
-    else:
-        render.show(report, sys.stdout)
-    return 0
-
-
-def _show_process(pid: int, as_json: bool) -> int:
-    from xcr0run import inspect, render
-
-    data = inspect.process_report(pid)
-    if as_json:
-        click.echo(render.to_json(data))
-    else:
-        render.show_process(data, sys.stdout)
-    return 0
-
-
-def _run(
-    wanted: Wanted,
-    method: Method,
-    code: int,
-    command: Sequence[str],
-    quiet: bool,
-    report: str | None,
-    checks: AuditChoice,
-    grant_amx: bool,
-    env_hints: bool,
-    xcr0_only: bool = False,
-) -> NoReturn:
-    from xcr0run import inspect, launcher, render, run
-    from xcr0run.view import psabi_level
-
-    if checks.enabled is False and (checks.expect_used or checks.strict):
-        raise click.UsageError("--no-audit contradicts --expect-used and --strict")
-    path = launcher.find_command(command[0])
-    caps = inspect.capabilities(code)
-    table = host.cpuid_table()
-    spec = wanted.shape(caps.xcr0, table)
-    plan = inspect.plan_for(spec, caps, method, grant_amx, xcr0_only)
-    if not wanted.force:
-        launcher.check_isa_level(path, psabi_level(plan.view.apply(table), plan.mask, glibc=True))
-    hints = inspect.env_hints(plan) if env_hints or plan.env_only else []
-    env = host.original_environment()
-    env.update((h.name.encode(), h.value.encode()) for h in hints)
-    described = inspect.describe_plan(plan, spec, table, hints)
-    if not quiet:
-        _to_stderr(render.banner(described, caps.xcr0))
-    run.become_program(
-        run.RunRequest(path, command, plan, code, env, described, checks, quiet, report)
     )
-
-
-def _to_stderr(text: str) -> None:
-    """Our messages must not stop the program from running: a closed or broken stderr
-    (`2>&-`, `2>&1 | true`) loses them, as it would the program's own."""
-    try:
-        sys.stderr.write(text + "\n")
-        sys.stderr.flush()
-    except (OSError, ValueError, AttributeError):
-        pass
-
-
-def _fail(message: str, status: int, usage: bool = False) -> NoReturn:
-    _to_stderr(f"{PROG}: {message}")
-    if usage:
-        _to_stderr(f"Try '{PROG} --help' for more information.")
-    _exit(status)
 
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
-    try:
-        result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.BadParameter as err:
-        name = err.param.opts[-1] if err.param is not None and err.param.opts else "argument"
-        _fail(f"{name}: {err.message}", ExitStatus.FAILURE)
-    except click.UsageError as err:
-        _fail(err.format_message(), ExitStatus.FAILURE, usage=True)
-    except click.ClickException as err:
-        _fail(err.format_message(), ExitStatus.FAILURE)
-    except (click.Abort, KeyboardInterrupt):
-        # Ctrl-C before the program started: die of SIGINT, as the program would have.
-        sys.stderr.flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        sys.exit(128 + signal.SIGINT)
-    except Xcr0runError as err:
-        _fail(str(err), err.status)
-    except OSError as err:
-        _fail(str(err), ExitStatus.FAILURE)
-    except Exception as err:  # a bug of ours: one line, not a traceback, unless debugging
-        if os.environ.get("XCR0RUN_DEBUG"):
-            raise
-        _fail(f"internal error: {err!r} (set XCR0RUN_DEBUG=1 for details)", ExitStatus.FAILURE)
-    _exit(result or 0)
+    """Parse with click and do what the command line asks; click's errors here, ours in
+    commands.finish."""
 
-
-def _exit(status: int) -> NoReturn:
-    """Exit, even where stdout is closed or its reader gone (flushing it would fail)."""
-    for stream in (sys.stdout, sys.stderr):
+    def parsed() -> int | None:
         try:
-            if stream is not None:
-                stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
+            result: int | None = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
+            return result
+        except click.BadParameter as err:
+            name = err.param.opts[-1] if err.param is not None and err.param.opts else "argument"
+            commands.fail(f"{name}: {err.message}", ExitStatus.FAILURE)
+        except click.UsageError as err:
+            commands.fail(err.format_message(), ExitStatus.FAILURE, usage=True)
+        except click.ClickException as err:
+            commands.fail(err.format_message(), ExitStatus.FAILURE)
+        except click.Abort:
+            commands.interrupted()
+
+    commands.finish(parsed)

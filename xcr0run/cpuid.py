@@ -7,11 +7,13 @@ filled by the system layer (host.py) or loaded from a file.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Literal
+TYPE_CHECKING = False  # typing's own import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator, Mapping
+    from typing import Literal
 
-Register = Literal["eax", "ebx", "ecx", "edx"]
+    Register = Literal["eax", "ebx", "ecx", "edx"]
+
 REGISTERS: tuple[Register, ...] = ("eax", "ebx", "ecx", "edx")  # the order of Registers
 Registers = tuple[int, int, int, int]
 
@@ -89,11 +91,27 @@ def key(leaf: int, subleaf: int) -> tuple[int, int]:
     return (leaf, subleaf if leaf in SUBLEAF_LEAVES else 0)
 
 
-@dataclass
 class CpuidTable:
-    entries: dict[tuple[int, int], Registers] = field(default_factory=dict)
-    # With a source, leaves are read from it when first asked for (the live CPU).
-    source: Callable[[int, int], Registers] | None = field(default=None, repr=False, compare=False)
+    """Answers by (leaf, sub-leaf). With a source, leaves are read from it when first
+    asked for (the live CPU)."""
+
+    __slots__ = ("entries", "source")
+
+    def __init__(
+        self,
+        entries: dict[tuple[int, int], Registers] | None = None,
+        source: Callable[[int, int], Registers] | None = None,
+    ) -> None:
+        self.entries: dict[tuple[int, int], Registers] = {} if entries is None else entries
+        self.source = source
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, CpuidTable) and self.entries == other.entries
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by its entries
+
+    def __repr__(self) -> str:
+        return f"CpuidTable({self.entries!r})"
 
     def get(self, leaf: int, subleaf: int = 0) -> Registers | None:
         k = key(leaf, subleaf)

@@ -13,10 +13,11 @@ runtime configuration knobs (DOTNET_EnableX=0). Pure module.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-
 from xcr0run import features
+
+TYPE_CHECKING = False  # on the launch path with --env-hints: typing costs start-up time
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
 
 _GLIBC = {
     "avx": "AVX", "avx2": "AVX2", "fma": "FMA", "fma4": "FMA4", "bmi1": "BMI1", "bmi2": "BMI2",
@@ -62,11 +63,26 @@ _DOTNET = {
 }  # fmt: skip
 
 
-@dataclass(frozen=True)
 class EnvHint:
-    name: str
-    value: str
-    merged: bool = False  # the user's value was kept and ours appended
+    __slots__ = ("merged", "name", "value")
+
+    def __init__(self, name: str, value: str, merged: bool = False) -> None:
+        self.name = name
+        self.value = value
+        self.merged = merged  # the user's value was kept and ours appended
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, EnvHint) and (self.name, self.value, self.merged) == (
+            other.name,
+            other.value,
+            other.merged,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.name, self.value, self.merged))
+
+    def __repr__(self) -> str:
+        return f"EnvHint({self.name!r}, {self.value!r}, merged={self.merged})"
 
 
 def _mkl(hidden: frozenset[str]) -> str | None:

@@ -1,30 +1,22 @@
-"""Error types and exit statuses.
+"""Error types.
 
-The library raises these; only the command-line front end (cli.py) turns them into a
-message and an exit status. Statuses follow the coreutils launchers (env, nice, timeout):
-125 for our own failures, 126 when the command cannot be executed, 127 when it is not
-found, so a caller can tell xcr0run's failure from the program's own exit 1.
+The library raises these; only the command-line front end turns them into a message
+and an exit status (status.py has the statuses).
 """
 
 from __future__ import annotations
 
-import enum
-
-
-class ExitStatus(enum.IntEnum):
-    OK = 0
-    # --strict: the program ran, but used state the mask hides (distinct from 125-127 and
-    # from the 128+N a shell reports for signals).
-    HIDDEN_STATE_USED = 124
-    FAILURE = 125
-    CANNOT_EXECUTE = 126
-    NOT_FOUND = 127
+from xcr0run.status import ExitStatus
 
 
 class Xcr0runError(Exception):
     """An error of xcr0run itself; its message is one line for the user."""
 
-    status: ExitStatus = ExitStatus.FAILURE
+    status: int = ExitStatus.FAILURE
+
+
+class UsageError(Xcr0runError):
+    """Options that do not go together; said with a pointer to --help, as click does."""
 
 
 class MaskError(Xcr0runError, ValueError):
@@ -38,6 +30,6 @@ class UnsupportedError(Xcr0runError):
 class CommandError(Xcr0runError):
     """The command to run could not be started."""
 
-    def __init__(self, message: str, status: ExitStatus) -> None:
+    def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status

@@ -51,34 +51,72 @@ xcr0run.features`) to print the self-check and the table's size.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from xcr0run.cpuid import REGISTERS
 
-from xcr0run.cpuid import REGISTERS, CpuidTable, Register
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
-# Where one bit lives: (leaf, sub-leaf, register, bit).
-Location = tuple[int, int, Register, int]
+    from xcr0run.cpuid import CpuidTable, Register
+
+    # Where one bit lives: (leaf, sub-leaf, register, bit).
+    Location = tuple[int, int, Register, int]
+
+# Plain classes, not dataclasses: this module is on the launch path, and importing
+# dataclasses (with inspect) costs more than the whole table.
 
 
-@dataclass(frozen=True)
 class CpuidFeature:
-    name: str  # canonical, lower-case, user-facing
-    leaf: int
-    subleaf: int  # 0 for leaves without sub-leaves
-    register: Register
-    bit: int
-    title: str  # short human description
-    requires: tuple[str, ...] = ()  # direct prerequisites (canonical feature names)
-    # Linux /proc/cpuinfo spelling when it differs from `name`; "" when Linux never shows
-    # this bit; None when Linux shows it as `name`.
-    cpuinfo: str | None = None
-    aliases: tuple[str, ...] = ()  # other real spellings (Linux, glibc, GCC, Xen, SDM)
-    os_managed: bool = False  # set by the OS, not the CPU (OSXSAVE, OSPKE)
-    # A platform, virtualization or supervisor facility rather than an instruction a user
-    # program runs: a profile may claim it on a host that lacks it without the program
-    # dying of SIGILL (SDM vol. 2A CPUID tables, by what each bit enables).
-    system: bool = False
+    """One feature bit: where it lives, how it is spelt, what it directly requires."""
+
+    __slots__ = (
+        "aliases",
+        "bit",
+        "cpuinfo",
+        "leaf",
+        "name",
+        "os_managed",
+        "register",
+        "requires",
+        "subleaf",
+        "system",
+        "title",
+    )
+
+    def __init__(
+        self,
+        name: str,  # canonical, lower-case, user-facing
+        leaf: int,
+        subleaf: int,  # 0 for leaves without sub-leaves
+        register: Register,
+        bit: int,
+        title: str,  # short human description
+        requires: tuple[str, ...] = (),  # direct prerequisites (canonical feature names)
+        # Linux /proc/cpuinfo spelling when it differs from `name`; "" when Linux never
+        # shows this bit; None when Linux shows it as `name`.
+        cpuinfo: str | None = None,
+        aliases: tuple[str, ...] = (),  # other real spellings (Linux, glibc, GCC, Xen, SDM)
+        os_managed: bool = False,  # set by the OS, not the CPU (OSXSAVE, OSPKE)
+        # A platform, virtualization or supervisor facility rather than an instruction a
+        # user program runs: a profile may claim it on a host that lacks it without the
+        # program dying of SIGILL (SDM vol. 2A CPUID tables, by what each bit enables).
+        system: bool = False,
+    ) -> None:
+        self.name = name
+        self.leaf = leaf
+        self.subleaf = subleaf
+        self.register = register
+        self.bit = bit
+        self.title = title
+        self.requires = requires
+        self.cpuinfo = cpuinfo
+        self.aliases = aliases
+        self.os_managed = os_managed
+        self.system = system
+
+    def __repr__(self) -> str:
+        where = f"{self.leaf:#x}.{self.subleaf} {self.register}:{self.bit}"
+        return f"CpuidFeature({self.name!r} at {where})"
 
     @property
     def location(self) -> Location:
@@ -89,18 +127,30 @@ class CpuidFeature:
         return 1 << self.bit
 
 
-@dataclass(frozen=True)
 class _Row:
     """One table line; `requires` and `aliases` are space-separated to keep rows short."""
 
-    bit: int
-    name: str
-    title: str
-    requires: str = ""
-    cpuinfo: str | None = None
-    aliases: str = ""
-    os_managed: bool = False
-    system: bool = False
+    __slots__ = ("aliases", "bit", "cpuinfo", "name", "os_managed", "requires", "system", "title")
+
+    def __init__(
+        self,
+        bit: int,
+        name: str,
+        title: str,
+        requires: str = "",
+        cpuinfo: str | None = None,
+        aliases: str = "",
+        os_managed: bool = False,
+        system: bool = False,
+    ) -> None:
+        self.bit = bit
+        self.name = name
+        self.title = title
+        self.requires = requires
+        self.cpuinfo = cpuinfo
+        self.aliases = aliases
+        self.os_managed = os_managed
+        self.system = system
 
 
 def _table(
@@ -796,9 +846,11 @@ def canonical(name: str) -> str:
     return feature(name).name
 
 
-def present_in(table: CpuidTable) -> frozenset[str]:
-    """The features whose bit is set in `table` (at their own location, not AMD's mirror)."""
-    return frozenset(f.name for f in FEATURES if table.has_bit(*f.location))
+def present_in(table: CpuidTable, among: Iterable[str] | None = None) -> frozenset[str]:
+    """The features whose bit is set in `table` (at their own location, not AMD's
+    mirror); only those `among` (canonical names) when given."""
+    pool = FEATURES if among is None else [_CANONICAL[name] for name in among]
+    return frozenset(f.name for f in pool if table.has_bit(*f.location))
 
 
 def locations(name: str) -> tuple[Location, ...]:
@@ -813,8 +865,21 @@ def locations(name: str) -> tuple[Location, ...]:
 # -- the dependency graph -----------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=256)
+# Closures already walked. A dict, not functools.lru_cache: functools (with collections)
+# would be one more import at start-up. A process asks for a few; the bound is a guard.
+_CLOSURES: dict[tuple[frozenset[str], bool], frozenset[str]] = {}
+
+
 def _closure(start: frozenset[str], downward: bool) -> frozenset[str]:
+    found = _CLOSURES.get((start, downward))
+    if found is None:
+        if len(_CLOSURES) >= 256:
+            _CLOSURES.clear()
+        found = _CLOSURES[(start, downward)] = _walk(start, downward)
+    return found
+
+
+def _walk(start: frozenset[str], downward: bool) -> frozenset[str]:
     seen = set(start)
     todo = list(start)
     while todo:

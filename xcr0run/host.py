@@ -4,17 +4,17 @@ permissions, and whether an ARCH_SET_XCR0 exists. System layer over _native.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
-from dataclasses import dataclass
 
-from xcr0run import _native
+from xcr0run import _native, procfs
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable, read_table
-from xcr0run.plan import PATCH_XCR0_BITS
+from xcr0run.plan import PATCH_XCR0_BITS, Capabilities
+from xcr0run.xsave import NAMES as _XSAVE_NAMES
 
 XCR0_PRCTL_ENV = "XCR0RUN_XCR0_PRCTL"
+_AMX_TILE_DATA = _XSAVE_NAMES["tiledata"]  # ARCH_GET_XCOMP_SUPP bit 18: the kernel supports AMX
 
 
 def xcr0() -> int:
@@ -40,11 +40,17 @@ def full_cpuid_table() -> CpuidTable:
     return read_table(_native.cpuid)
 
 
-@dataclass(frozen=True)
+# The records here are plain classes: probing is on the launch path, and importing
+# dataclasses (with inspect) costs more than the probes.
+
+
 class Faulting:
-    supported: bool
-    enabled_here: bool  # this thread's CPUID already faults (e.g. under xcr0run)
-    detail: str
+    __slots__ = ("detail", "enabled_here", "supported")
+
+    def __init__(self, supported: bool, enabled_here: bool, detail: str) -> None:
+        self.supported = supported
+        self.enabled_here = enabled_here  # this thread's CPUID already faults (under xcr0run)
+        self.detail = detail
 
 
 def cpuid_faulting() -> Faulting:
@@ -63,13 +69,17 @@ def cpuid_faulting() -> Faulting:
     return Faulting(False, False, f"ARCH_SET_CPUID: {os.strerror(-result)}")
 
 
-@dataclass(frozen=True)
 class XComp:
     """The kernel's dynamic XSAVE features (AMX): ARCH_GET_XCOMP_*; None if unknown."""
 
-    supported: int | None
-    permitted: int | None
-    guest_permitted: int | None
+    __slots__ = ("guest_permitted", "permitted", "supported")
+
+    def __init__(
+        self, supported: int | None, permitted: int | None, guest_permitted: int | None
+    ) -> None:
+        self.supported = supported
+        self.permitted = permitted
+        self.guest_permitted = guest_permitted
 
 
 def xcomp() -> XComp:
@@ -89,22 +99,6 @@ def xcomp() -> XComp:
 # -- ARCH_SET_XCR0 ---------------------------------------------------------------------------
 
 
-def original_environment() -> dict[bytes, bytes]:
-    """The environment this process started with. Python itself may have changed
-    os.environ (locale coercion sets LC_CTYPE); the program must get it untouched."""
-    try:
-        with open("/proc/self/environ", "rb") as f:
-            block = f.read()
-    except OSError:
-        return {k.encode(): v.encode() for k, v in os.environ.items()}
-    env: dict[bytes, bytes] = {}
-    for item in block.split(b"\0"):
-        name, sep, value = item.partition(b"=")
-        if sep:
-            env.setdefault(name, value)
-    return env
-
-
 def xcr0_prctl_code(override: int | None = None) -> int:
     """The arch_prctl code to try for ARCH_SET_XCR0: option, environment, or ours."""
     if override is not None:
@@ -113,11 +107,13 @@ def xcr0_prctl_code(override: int | None = None) -> int:
     return int(text, 0) if text else _native.ARCH_SET_XCR0
 
 
-@dataclass(frozen=True)
 class Xcr0Prctl:
-    code: int
-    available: bool
-    detail: str
+    __slots__ = ("available", "code", "detail")
+
+    def __init__(self, code: int, available: bool, detail: str) -> None:
+        self.code = code
+        self.available = available
+        self.detail = detail
 
 
 # The 2020 RFC patch refuses components from bit 10 up (no AMX, PATCH_XCR0_BITS); ours
@@ -171,7 +167,7 @@ def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
         name = _MAINLINE_CODES[code]
         return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
     value = current & xcr0_prctl_limit(code)
-    if _native.address_mapped(value):
+    if procfs.address_mapped(value):
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
     if value == current and code in (_native.ARCH_SET_XCR0, _native.ARCH_SET_XCR0_RFC_CODE):
         result = _native.arch_prctl_raw(code, value)
@@ -213,59 +209,43 @@ def _describe_probe(code: int, result: int) -> str:
     return f"no ARCH_SET_XCR0 at code {code:#x}: {os.strerror(err)}"
 
 
+def capabilities(xcr0_prctl_code: int) -> Capabilities:
+    """What this machine and kernel offer for presenting a view (plan.make_plan's input)."""
+    xcr0_value = xcr0()
+    faulting = cpuid_faulting()
+    probe = probe_xcr0_prctl(xcr0_prctl_code, xcr0_value)
+    supported = xcomp().supported
+    return Capabilities(
+        xcr0=xcr0_value,
+        faulting=faulting.supported,
+        faulting_detail=faulting.detail,
+        set_xcr0=probe.available,
+        set_xcr0_detail=probe.detail,
+        amx_supported=bool((supported or 0) & _AMX_TILE_DATA),
+        faulting_enabled=faulting.enabled_here,
+        set_xcr0_limit=xcr0_prctl_limit(xcr0_prctl_code),
+    )
+
+
 # -- another process ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class ThreadState:
-    tid: int
-    comm: str
-    xcr0: int | None
-    xstate_bv: int | None
-    error: str | None = None
+    __slots__ = ("comm", "error", "tid", "xcr0", "xstate_bv")
 
-
-def _status_field(pid: int, name: str) -> str:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(name + ":"):
-                return line.split(":", 1)[1].strip()
-    return ""
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
-
-
-def process_identity(pid: int) -> tuple[str, str, int]:
-    """(comm, exe, tracer pid) of a process; OSError if it does not exist."""
-    comm = _comm(pid)
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = "?"
-    return comm, exe, int(_status_field(pid, "TracerPid") or 0)
-
-
-def process_state(pid: int) -> str:
-    """The one-letter state of /proc/<pid>/stat (R, S, D, T, t, Z, ...); "" if gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except (OSError, IndexError):
-        return ""
-
-
-def command_line(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
-    except OSError:
-        return []
+    def __init__(
+        self,
+        tid: int,
+        comm: str,
+        xcr0: int | None,
+        xstate_bv: int | None,
+        error: str | None = None,
+    ) -> None:
+        self.tid = tid
+        self.comm = comm
+        self.xcr0 = xcr0
+        self.xstate_bv = xstate_bv
+        self.error = error
 
 
 def thread_states(pid: int) -> list[ThreadState]:
@@ -274,14 +254,17 @@ def thread_states(pid: int) -> list[ThreadState]:
     Each thread is seized, interrupted, read and detached in turn: it is stopped for
     the length of one register read and left as it was.
     """
+    import contextlib  # here, not at the top: --show -p is off the launch path
+
     states = []
     reader = _native.XStateHeadReader()
-    for name in sorted(os.listdir(f"/proc/{pid}/task"), key=int):
-        tid = int(name)
+    for tid in procfs.thread_ids(pid):
         try:
             _native.ptrace_seize(tid, 0)
         except _native.NativeError as err:
-            states.append(ThreadState(tid, _comm(tid), None, None, os.strerror(err.errno)))
+            states.append(
+                ThreadState(tid, procfs.thread_name(pid, tid), None, None, os.strerror(err.errno))
+            )
             continue
         pending = 0  # a signal that arrived meanwhile: handed back at detach
         try:
@@ -290,9 +273,9 @@ def thread_states(pid: int) -> list[ThreadState]:
             if os.WIFSTOPPED(status) and status >> 16 == 0:
                 pending = os.WSTOPSIG(status)  # a signal-delivery stop, not ours
             xcr0_value, xstate_bv = reader.read(tid)
-            states.append(ThreadState(tid, _comm(tid), xcr0_value, xstate_bv))
+            states.append(ThreadState(tid, procfs.thread_name(pid, tid), xcr0_value, xstate_bv))
         except (_native.NativeError, ChildProcessError) as err:
-            states.append(ThreadState(tid, _comm(tid), None, None, str(err)))
+            states.append(ThreadState(tid, procfs.thread_name(pid, tid), None, None, str(err)))
         finally:
             with contextlib.suppress(_native.NativeError):
                 _native.ptrace_detach(tid, pending)

@@ -17,6 +17,12 @@ PT_GNU_PROPERTY = 0x6474E553
 NT_GNU_PROPERTY_TYPE_0 = 5
 GNU_PROPERTY_X86_ISA_1_NEEDED = 0xC0008002
 
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    Reader = Callable[[int, int], bytes]  # (offset, size) -> those bytes of the file
+
 
 def _segments(elf: bytes) -> list[tuple[int, int, int]]:
     """(p_type, p_offset, p_filesz) of each program header of a 64-bit ELF file; none for
@@ -37,29 +43,39 @@ def _segments(elf: bytes) -> list[tuple[int, int, int]]:
     return out
 
 
-def headers_end(elf: bytes) -> int:
-    """How much of the file `interpreter` and `needed_level` need to see."""
-    wanted = (PT_INTERP, PT_NOTE, PT_GNU_PROPERTY)
-    return max((off + size for t, off, size in _segments(elf) if t in wanted), default=0)
+def examine(head: bytes, read: Reader) -> tuple[str | None, str | None]:
+    """(interpreter, needed level) of an ELF file whose start is `head`: its program
+    headers must lie in it, and `read(offset, size)` gives the other parts asked for. So
+    a caller reads a few hundred bytes where a note lies far into a file (glibc's
+    libc.so.6 has its PT_INTERP 1.7 MB in)."""
+    segments = _segments(head)
+    return _interpreter(segments, read), _needed_level(segments, read)
 
 
 def interpreter(elf: bytes) -> str | None:
     """The PT_INTERP path (the dynamic loader), if any."""
-    for p_type, offset, size in _segments(elf):
-        if p_type == PT_INTERP:
-            return elf[offset : offset + size].rstrip(b"\0").decode(errors="replace")
-    return None
+    return _interpreter(_segments(elf), lambda offset, size: elf[offset : offset + size])
 
 
 def needed_level(elf: bytes) -> str | None:
     """The highest ISA level the file marks as needed, or None when it marks none."""
-    segments = _segments(elf)
+    return _needed_level(_segments(elf), lambda offset, size: elf[offset : offset + size])
+
+
+def _interpreter(segments: list[tuple[int, int, int]], read: Reader) -> str | None:
+    for p_type, offset, size in segments:
+        if p_type == PT_INTERP:
+            return read(offset, size).rstrip(b"\0").decode(errors="replace")
+    return None
+
+
+def _needed_level(segments: list[tuple[int, int, int]], read: Reader) -> str | None:
     notes = [s for s in segments if s[0] == PT_GNU_PROPERTY] or [
         s for s in segments if s[0] == PT_NOTE
     ]
     needed = 0
     for _, offset, size in notes:
-        needed |= _isa_needed(elf[offset : offset + size])
+        needed |= _isa_needed(read(offset, size))
     return LEVEL_NAMES[needed.bit_length() - 1] if needed else None
 
 

@@ -4,20 +4,68 @@ directly or with a tracing helper beside it (XCR0, seccomp filter, dispositions)
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import os
-import shutil
-import signal
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import NoReturn
 
-from xcr0run import _native, host, isalevel, seccomp
-from xcr0run.errors import CommandError, ExitStatus, UnsupportedError
-from xcr0run.plan import PATCH_XCR0_BITS, Plan
+from xcr0run import _native, host, isalevel, procfs, seccomp
+from xcr0run.errors import CommandError, UnsupportedError
+from xcr0run.plan import PATCH_XCR0_BITS
 from xcr0run.seccomp import FilterSpec
+from xcr0run.status import ExitStatus
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from typing import NoReturn
+
+    from xcr0run.plan import Plan
+
+    Environment = Mapping[bytes, bytes]
+    # Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
+    # calls attached(None) once it has seized the program, or attached(why not); stderr
+    # is a copy of the program's (-1 if it had none), for the helper to close when done.
+    Attached = Callable[[str | None], None]
+    Tracer = Callable[[int, Attached, int], int]
+
+# The dispositions are set through signal's C half, which has the same functions without
+# the enums signal.py wraps around them: importing enum (with functools and collections)
+# took several milliseconds of each start. mypy reads signal's description of them.
+if TYPE_CHECKING:
+    import signal
+else:
+    try:
+        import _signal as signal
+    except ImportError:  # not CPython's layout
+        import signal
+
+
+def which(name: str) -> str | None:
+    """shutil.which(name) for a name without a slash, without importing shutil (its
+    archive codecs cost start-up time): the first PATH entry (in order, each directory
+    once, an empty one meaning the current directory) holding an executable
+    non-directory called `name`."""
+    path = os.environ.get("PATH")
+    if path is None:
+        try:
+            path = os.confstr("CS_PATH")
+        except (AttributeError, ValueError):
+            path = os.defpath
+    if not path:
+        return None
+    tried = set()
+    for directory in path.split(os.pathsep):
+        if directory in tried:
+            continue
+        tried.add(directory)
+        candidate = os.path.join(directory, name)
+        if (
+            os.path.exists(candidate)
+            and os.access(candidate, os.F_OK | os.X_OK)
+            and not os.path.isdir(candidate)
+        ):
+            return candidate
+    return None
 
 
 def find_command(name: str) -> str:
@@ -29,7 +77,7 @@ def find_command(name: str) -> str:
                 f"failed to run command '{name}': No such file or directory", ExitStatus.NOT_FOUND
             )
     else:
-        found = shutil.which(name)
+        found = which(name)
         if found is None:
             # An existing but non-executable match is 126, as execvp reports EACCES.
             dirs = os.environ.get("PATH", os.defpath).split(os.pathsep)
@@ -48,10 +96,12 @@ def find_command(name: str) -> str:
     return path
 
 
-@dataclass(frozen=True)
 class IsaNeed:
-    path: str
-    level: str
+    __slots__ = ("level", "path")
+
+    def __init__(self, path: str, level: str) -> None:
+        self.path = path
+        self.level = level
 
 
 def isa_needs(path: str) -> list[IsaNeed]:
@@ -65,18 +115,11 @@ def isa_needs(path: str) -> list[IsaNeed]:
             continue
         seen.add(current)
         try:
-            with open(current, "rb") as f:
-                # Headers and notes sit at the start; read further only if they do not.
-                data = f.read(4 << 10)
-                end = isalevel.headers_end(data)
-                if end > len(data):
-                    data += f.read(min(end, 16 << 20) - len(data))
+            interp, level = _examine(current)
         except OSError:
             continue
-        level = isalevel.needed_level(data)
         if level:
             out.append(IsaNeed(current, level))
-        interp = isalevel.interpreter(data)
         if interp:
             todo.append(interp)
             libc = os.path.join(os.path.dirname(os.path.realpath(interp)), "libc.so.6")
@@ -84,6 +127,23 @@ def isa_needs(path: str) -> list[IsaNeed]:
             # Debian-style multiarch: the loader sits in /lib64, libc in lib/<triplet>.
             todo.append(os.path.join("/lib", "x86_64-linux-gnu", "libc.so.6"))
     return out
+
+
+def _examine(path: str) -> tuple[str | None, str | None]:
+    """isalevel.examine of the file at `path`: its first 4 KiB (the program headers),
+    and each part the notes and PT_INTERP occupy further on, read alone."""
+    with open(path, "rb") as f:
+        head = f.read(4 << 10)
+
+        def read(offset: int, size: int) -> bytes:
+            if offset + size <= len(head):
+                return head[offset : offset + size]
+            if size > 1 << 20:
+                return b""  # no note or loader path is this long: not a file to trust
+            f.seek(offset)
+            return f.read(size)
+
+        return isalevel.examine(head, read)
 
 
 def check_isa_level(path: str, view_level: str | None) -> None:
@@ -150,9 +210,6 @@ def _prepare_image(guard: FilterSpec, ignored: int | None) -> None:
     _restore_dispositions(ignored)
     if not guard.empty:
         _native.install_filter(seccomp.build(guard))
-
-
-Environment = Mapping[bytes, bytes]
 
 
 class Xcr0SetupError(OSError):
@@ -305,15 +362,10 @@ def _read_line(fd: int) -> str:
     return data.decode(errors="replace").strip()
 
 
-Attached = Callable[["str | None"], None]
-# Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
-# calls attached(None) once it has seized the program, or attached(why not); stderr is
-# a copy of the program's (-1 if it had none), for the helper to close when done with.
-Tracer = Callable[[int, Attached, int], int]
-
-
 def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozenset[int]) -> int:
     """The helper's life: tell the program our pid, wait for its go, trace it."""
+    import contextlib  # here: the helper's alone, and an import less for every start
+
     told = False
 
     def attached(error: str | None) -> None:
@@ -340,6 +392,8 @@ def _detach_stdio(keep: frozenset[int]) -> int:
     """Let go of everything the program's caller could wait on (a pipeline, `$(...)`,
     a terminal): /dev/null on 0-2, every other descriptor closed. Returns a copy of
     stderr, -1 if there was none."""
+    import contextlib  # here: the helper's alone, and an import less for every start
+
     try:
         stderr = os.dup(2)
     except OSError:
@@ -348,8 +402,7 @@ def _detach_stdio(keep: frozenset[int]) -> int:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     keep = keep | {0, 1, 2, stderr}
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
+    for fd in procfs.open_descriptors():
         if fd not in keep:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -12,21 +12,29 @@ Pure module: the host's XCR0 is passed in, never read here.
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable
-from dataclasses import dataclass
-
 from xcr0run import PROG, xsave
 from xcr0run.errors import MaskError
 
-_HEX = re.compile(r"0x[0-9a-f]+\Z")
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Iterable
+
+_HEX_DIGITS = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True)
+def _is_hex(word: str) -> bool:
+    """`0x` and at least one hex digit (words are lower-cased already). Not a regular
+    expression: importing re costs a launcher's start-up time."""
+    return word[:2] == "0x" and len(word) > 2 and _HEX_DIGITS.issuperset(word[2:])
+
+
 class Preset:
-    name: str
-    description: str
-    removes: int  # components removed from the host set (0 for `host`)
+    __slots__ = ("description", "name", "removes")
+
+    def __init__(self, name: str, description: str, removes: int) -> None:
+        self.name = name
+        self.description = description
+        self.removes = removes  # components removed from the host set (0 for `host`)
 
     def resolve(self, host: int) -> int:
         return host & ~xsave.dependents(self.removes)
@@ -37,7 +45,7 @@ def _removable() -> list[tuple[str, int]]:
     grouped = {m for members in xsave.GROUPS.values() for m in members}
     out = []
     for c in xsave.COMPONENTS:
-        if c.scope is xsave.Scope.USER and c.number != 0 and c.name not in grouped:
+        if c.scope == xsave.Scope.USER and c.number != 0 and c.name not in grouped:
             out.append((c.name, c.bit))
     for group in xsave.GROUPS:
         if not xsave.NAMES[group] & xsave.SUPERVISOR_BITS:
@@ -72,7 +80,7 @@ def _unknown(word: str) -> MaskError:
 
 
 def _resolve(word: str, host: int) -> int:
-    if _HEX.match(word):
+    if _is_hex(word):
         return int(word, 16)
     if word in PRESETS:
         return PRESETS[word].resolve(host)
@@ -82,7 +90,9 @@ def _resolve(word: str, host: int) -> int:
 
 
 def tokens(text: str) -> list[str]:
-    return [t for t in re.split(r"[,\s]+", text.strip().lower()) if t]
+    """The words of a mask: separated by commas and white space (str.split's notion of
+    white space is the one \\s has in a regular expression)."""
+    return text.lower().replace(",", " ").split()
 
 
 def parse_mask(text: str, host: int, supported: int | None = None) -> int:
@@ -118,7 +128,7 @@ def parse_components(text: str) -> list[tuple[str, int]]:
         raise MaskError("no components given")
     items = []
     for word in words:
-        if _HEX.match(word):
+        if _is_hex(word):
             items.append((word, int(word, 16)))
         elif word in xsave.NAMES:
             items.append((word, xsave.NAMES[word]))
@@ -160,7 +170,7 @@ def complete(
     if presets and not head and not sign:
         out += [(p.name, p.description) for p in PRESETS.values() if p.name.startswith(stem)]
     for c in xsave.COMPONENTS:
-        if c.scope is not xsave.Scope.USER or (host is not None and not host & c.bit):
+        if c.scope != xsave.Scope.USER or (host is not None and not host & c.bit):
             continue
         if sign == "-" and c.bit & 1:
             continue  # x87 can never be removed

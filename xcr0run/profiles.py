@@ -64,7 +64,7 @@ class CpuidProfile:
         have = self.features()
         return (
             sum(
-                c.bit for c in xsave.COMPONENTS if c.scope is xsave.Scope.USER and c.feature in have
+                c.bit for c in xsave.COMPONENTS if c.scope == xsave.Scope.USER and c.feature in have
             )
             | 0b11
         )

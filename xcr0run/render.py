@@ -5,15 +5,17 @@ banner (plain text, so the launch path never imports rich).
 from __future__ import annotations
 
 import os
-import re
-from typing import IO, TYPE_CHECKING, Any
 
 from xcr0run import PROG
-from xcr0run.inspect import ShowReport
 from xcr0run.masks import format_mask
 
+TYPE_CHECKING = False  # the banner is on the launch path: typing costs start-up time
 if TYPE_CHECKING:
+    from typing import IO, Any
+
     from rich.console import Console, RenderableType
+
+    from xcr0run.xstate_report import XStateReport
 
 
 def to_json(data: Any) -> str:
@@ -48,13 +50,13 @@ def _yes(value: bool | None) -> str:
     return "—" if value is None else ("yes" if value else "no")
 
 
-# Trailing blanks of a line, and any style codes among them (rich pads table cells).
-_TRAILING = re.compile(r"(?:[ \t]|\x1b\[[0-9;]*m)+$")
-
-
 def _without_trailing_blanks(text: str) -> str:
+    import re  # with rich, never for the banner
+
+    # Trailing blanks of a line, and any style codes among them (rich pads table cells).
+    trailing = re.compile(r"(?:[ \t]|\x1b\[[0-9;]*m)+$")
     return "\n".join(
-        _TRAILING.sub(lambda m: m.group(0).replace(" ", "").replace("\t", ""), line)
+        trailing.sub(lambda m: m.group(0).replace(" ", "").replace("\t", ""), line)
         for line in text.split("\n")
     )
 
@@ -94,7 +96,7 @@ def _facts(rows: list[tuple[str, str]], indent: int = 0) -> RenderableType:
     return Padding(grid, (0, 0, 0, indent)) if indent else grid
 
 
-def show(report: ShowReport, out: IO[str]) -> None:
+def show(report: XStateReport, out: IO[str]) -> None:
     """Human --show output: XCR0 decoded, sizes, kernel state, and an optional plan."""
     from rich.markup import escape
     from rich.table import Table

@@ -9,28 +9,40 @@ the traced tree.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, NoReturn
 
 from xcr0run import PROG, host, launcher
-from xcr0run.audit import AuditLog
-from xcr0run.errors import ExitStatus, Xcr0runError
-from xcr0run.plan import Plan
+from xcr0run.errors import Xcr0runError
 from xcr0run.seccomp import FilterSpec
-from xcr0run.supervisor import Outcome, Supervisor, SupervisorError
+from xcr0run.status import exit_status
+
+# The tracer (supervisor.py, with the audit and threads) is imported only where a helper
+# runs, and typing and dataclasses not at all: a program exec'd without a helper should
+# not pay for them at start-up.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from typing import Any, NoReturn
+
+    from xcr0run.audit import AuditLog
+    from xcr0run.plan import Plan
+    from xcr0run.supervisor import Outcome, Supervisor
 
 
-@dataclass(frozen=True)
 class AuditChoice:
-    enabled: bool | None  # --audit/--no-audit; None: on with the cpuid mechanism
-    interval: float | None
-    expect_used: list[tuple[str, int]]
-    strict: bool
+    __slots__ = ("enabled", "expect_used", "interval", "strict")
+
+    def __init__(
+        self,
+        enabled: bool | None,  # --audit/--no-audit; None: on with the cpuid mechanism
+        interval: float | None,
+        expect_used: list[tuple[str, int]],
+        strict: bool,
+    ) -> None:
+        self.enabled = enabled
+        self.interval = interval
+        self.expect_used = expect_used
+        self.strict = strict
 
     def wanted(self, trap_cpuid: bool) -> bool:
         if self.enabled is False:
@@ -38,19 +50,42 @@ class AuditChoice:
         return bool(self.enabled or trap_cpuid or self.interval or self.expect_used)
 
 
-@dataclass(frozen=True)
 class RunRequest:
     """Everything a run needs, decided before anything starts."""
 
-    path: str
-    argv: Sequence[str]
-    plan: Plan
-    xcr0_prctl: int
-    env: dict[bytes, bytes]
-    described: dict[str, Any]  # the plan as --report and the banner show it
-    checks: AuditChoice
-    quiet: bool
-    report: str | None
+    __slots__ = (
+        "argv",
+        "checks",
+        "described",
+        "env",
+        "path",
+        "plan",
+        "quiet",
+        "report",
+        "xcr0_prctl",
+    )
+
+    def __init__(
+        self,
+        path: str,
+        argv: Sequence[str],
+        plan: Plan,
+        xcr0_prctl: int,
+        env: dict[bytes, bytes],
+        described: dict[str, Any],  # the plan as --report and the banner show it
+        checks: AuditChoice,
+        quiet: bool,
+        report: str | None,
+    ) -> None:
+        self.path = path
+        self.argv = argv
+        self.plan = plan
+        self.xcr0_prctl = xcr0_prctl
+        self.env = env
+        self.described = described
+        self.checks = checks
+        self.quiet = quiet
+        self.report = report
 
 
 def open_report(path: str) -> int:
@@ -62,38 +97,58 @@ def open_report(path: str) -> int:
         raise Xcr0runError(f"cannot write report {path}: {err.strerror}") from err
 
 
-def write_report(
-    fd: int, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
-) -> None:
+class RunResult:
+    """What a run came to, as --report tells it: the plan as shown, how the program
+    ended (None for a program exec'd without a helper: nothing of ours sees its end)
+    and what the audit saw."""
+
+    def __init__(
+        self, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
+    ) -> None:
+        self.described = described
+        self.outcome = outcome
+        self.audit = audit
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"plan": self.described}
+        if self.audit is not None:
+            data["audit"] = self.audit.to_json()
+        outcome = self.outcome
+        if outcome is not None:
+            data["run"] = {
+                "pid": outcome.pid,
+                "exit_code": outcome.exit_code,
+                "signal": outcome.signal,
+                "processes": outcome.processes,
+                "threads": outcome.threads,
+                "execs": outcome.execs,
+                "cpuid_traps": outcome.cpuid_traps,
+                "cpuid_leaves": outcome.leaves,
+            }
+        return data
+
+
+def write_report(fd: int, result: RunResult) -> None:
+    import contextlib
+
     from xcr0run import render
 
-    data: dict[str, Any] = {"plan": described}
-    if audit is not None:
-        data["audit"] = audit.to_json()
-    if outcome is not None:
-        data["run"] = {
-            "pid": outcome.pid,
-            "exit_code": outcome.exit_code,
-            "signal": outcome.signal,
-            "processes": outcome.processes,
-            "threads": outcome.threads,
-            "execs": outcome.execs,
-            "cpuid_traps": outcome.cpuid_traps,
-            "cpuid_leaves": outcome.leaves,
-        }
     with contextlib.suppress(OSError), os.fdopen(fd, "w") as f:
-        f.write(render.to_json(data) + "\n")
+        f.write(render.to_json(result.to_json()) + "\n")
 
 
 def become_program(request: RunRequest) -> NoReturn:
     """Exec the program, with a tracing helper if the plan or the audit needs one."""
     plan = request.plan
-    hidden = plan.view.host_xcr0 & ~plan.mask
-    audit = AuditLog(hidden) if request.checks.wanted(plan.trap_cpuid) else None
+    audit = None
+    if request.checks.wanted(plan.trap_cpuid):
+        from xcr0run.audit import AuditLog
+
+        audit = AuditLog(plan.view.host_xcr0 & ~plan.mask)
     report_fd = open_report(request.report) if request.report else -1
     if not plan.supervised and audit is None:
         if report_fd >= 0:
-            write_report(report_fd, request.described, None, None)
+            write_report(report_fd, RunResult(request.described, None, None))
         launcher.exec_direct(request.path, request.argv, plan, request.xcr0_prctl, request.env)
     guard = FilterSpec(
         deny_amx=plan.deny_amx,
@@ -122,6 +177,8 @@ class ProgramTracer:
         self.warned_exec: set[str] = set()
 
     def __call__(self, program: int, attached: launcher.Attached, stderr: int) -> int:
+        from xcr0run.supervisor import Supervisor, SupervisorError
+
         self.stderr = stderr
         plan = self.request.plan
         supervisor = Supervisor(
@@ -157,6 +214,8 @@ class ProgramTracer:
         return 0
 
     def say(self, line: str) -> None:
+        import contextlib  # the helper's: an import less for a start without one
+
         if self.stderr >= 0:
             with contextlib.suppress(OSError):
                 os.write(self.stderr, f"{PROG}: {line}\n".encode())
@@ -199,36 +258,40 @@ class ProgramTracer:
         if self.report_fd >= 0:
             if code is not None and outcome.exit_code is None:
                 outcome.exit_code = code
-            write_report(self.report_fd, self.request.described, outcome, audit)
+            write_report(self.report_fd, RunResult(self.request.described, outcome, audit))
             self.report_fd = -1
         if self.stderr >= 0:
             os.close(self.stderr)
             self.stderr = -1
-        if failed and code == 0:
-            return ExitStatus.HIDDEN_STATE_USED
-        return None
+        return exit_status(code, failed)
 
 
-# The tracer sleeps in waitpid; the audit's timer wakes it with a signal whose default
-# action is to ignore it, aimed at the main thread, whose handler then does the work.
-_WAKE_SIGNAL = signal.SIGURG
-
-
-class _Ticker(threading.Thread):
-    """Periodic audit samples (--audit-interval)."""
+class _Ticker:
+    """Periodic audit samples (--audit-interval), from a thread of their own."""
 
     def __init__(self, interval: float, supervisor: Supervisor) -> None:
-        super().__init__(daemon=True, name="xcr0run-audit")
+        import signal
+        import threading
+
+        self.thread = threading.Thread(target=self.run, daemon=True, name="xcr0run-audit")
         self.interval = interval
         self.supervisor = supervisor
         self.main = threading.main_thread().ident or 0
         self.done = threading.Event()
-        signal.signal(_WAKE_SIGNAL, lambda _s, _f: supervisor.on_wakeup())
+        # The tracer sleeps in waitpid; this wakes it with a signal whose default action
+        # is to ignore it, aimed at the main thread, whose handler then does the work.
+        self.wake = signal.SIGURG
+        signal.signal(self.wake, lambda _s, _f: supervisor.on_wakeup())
+
+    def start(self) -> None:
+        self.thread.start()
 
     def run(self) -> None:
+        import signal
+
         while not self.done.wait(self.interval):
             self.supervisor.sample_due = True
-            signal.pthread_kill(self.main, _WAKE_SIGNAL)
+            signal.pthread_kill(self.main, self.wake)
 
     def stop(self) -> None:
         self.done.set()

@@ -9,7 +9,6 @@ Sources: <linux/seccomp.h>, <linux/filter.h>, <linux/audit.h>, <asm/unistd_64.h>
 from __future__ import annotations
 
 import errno
-from dataclasses import dataclass
 
 # Actions and seccomp_data offsets.
 RET_ALLOW = 0x7FFF0000
@@ -71,14 +70,23 @@ class Stop:
         return data & 0xFF00 == Stop.OURS
 
 
-@dataclass(frozen=True)
 class FilterSpec:
-    """What the filter does; each part is needed by one feature of the run."""
+    """What the filter does; each part is needed by one feature of the run. (A plain
+    class: the launch path builds one, and dataclasses cost start-up time.)"""
 
-    deny_amx: bool = False  # ARCH_REQ_XCOMP_PERM fails with EPERM (the mask hides AMX)
-    explain_ptrace: bool = False  # ptrace stops first, so its failure can be explained
-    guard_cpuid: bool = False  # faulting changes, CLONE_UNTRACED and signal state stop
-    stop_at_exit: bool = False  # exit and exit_group stop (the verdict at the exit)
+    __slots__ = ("deny_amx", "explain_ptrace", "guard_cpuid", "stop_at_exit")
+
+    def __init__(
+        self,
+        deny_amx: bool = False,  # ARCH_REQ_XCOMP_PERM fails with EPERM (the mask hides AMX)
+        explain_ptrace: bool = False,  # ptrace stops first, so its failure can be explained
+        guard_cpuid: bool = False,  # faulting changes, CLONE_UNTRACED and signal state stop
+        stop_at_exit: bool = False,  # exit and exit_group stop (the verdict at the exit)
+    ) -> None:
+        self.deny_amx = deny_amx
+        self.explain_ptrace = explain_ptrace
+        self.guard_cpuid = guard_cpuid
+        self.stop_at_exit = stop_at_exit
 
     @property
     def empty(self) -> bool:

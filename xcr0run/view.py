@@ -13,33 +13,40 @@ stays truthful unless the kernel really changed XCR0. Pure module.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-
 from xcr0run import features, xsave
 from xcr0run.cpuid import REGISTERS, XSAVE_LEAF, CpuidTable, Registers, key
+
+TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
+if TYPE_CHECKING:
+    from collections.abc import Iterable
 
 
 def hidden_features(mask: int, host_xcr0: int, extra: Iterable[str] = ()) -> frozenset[str]:
     """Every feature a program must not see when XCR0 is cut from host_xcr0 to mask."""
     lost = xsave.dependents(host_xcr0 & ~mask)
-    roots = {c.feature for c in xsave.components(lost) if c.scope is xsave.Scope.USER}
+    roots = {c.feature for c in xsave.components(lost) if c.scope == xsave.Scope.USER}
     return features.dependents(features.hideable(roots | set(extra)))
 
 
-def usable_features(table: CpuidTable, xcr0: int) -> frozenset[str]:
-    """Features present in `table` whose state XCR0 enables (what glibc calls usable)."""
+def usable_features(
+    table: CpuidTable, xcr0: int, among: Iterable[str] | None = None
+) -> frozenset[str]:
+    """Features present in `table` whose state XCR0 enables (what glibc calls usable);
+    only those `among` (canonical names) when given."""
     disabled = {
-        c.feature for c in xsave.COMPONENTS if c.scope is xsave.Scope.USER and not xcr0 & c.bit
+        c.feature for c in xsave.COMPONENTS if c.scope == xsave.Scope.USER and not xcr0 & c.bit
     }
-    return features.present_in(table) - features.dependents(features.hideable(disabled))
+    present = features.present_in(table, among)
+    return present - features.dependents(features.hideable(disabled))
 
 
 def psabi_level(table: CpuidTable, xcr0: int, glibc: bool = False) -> str | None:
     """The highest x86-64 psABI level whose features are all usable, or None; with
     `glibc`, judged by the features glibc's loader checks."""
     levels = features.GLIBC_ISA_LEVELS if glibc else features.PSABI_LEVELS
-    return features.psabi_level(usable_features(table, xcr0), levels)
+    # Only the levels' own features are looked up: this runs before every launch.
+    named = {name for names in levels.values() for name in names}
+    return features.psabi_level(usable_features(table, xcr0, named), levels)
 
 
 # Per (leaf, sub-leaf): four AND masks then four OR values, applied register by register.
@@ -66,18 +73,35 @@ def level_restriction(level: str) -> tuple[int, frozenset[str]]:
     return mask, features.dependents(above)
 
 
-@dataclass(frozen=True)
 class CpuidView:
     """What CPUID answers under a mask. `answer` is the per-trap hot path: one dict
-    lookup, four ANDs and four ORs."""
+    lookup, four ANDs and four ORs. (A plain class: dataclasses cost start-up time.)"""
 
-    mask: int  # the XCR0 the program is meant to see
-    host_xcr0: int
-    xcr0_changed: bool  # the hardware XCR0 really is `mask` (ARCH_SET_XCR0)
-    hidden: frozenset[str]
-    added: frozenset[str] = frozenset()  # features shown although the host lacks them
-    _ops: dict[tuple[int, int], Ops] = field(default_factory=dict, repr=False)
-    _zero_leaves: frozenset[int] = field(default=frozenset(), repr=False)
+    __slots__ = ("_ops", "_zero_leaves", "added", "hidden", "host_xcr0", "mask", "xcr0_changed")
+
+    def __init__(
+        self,
+        mask: int,  # the XCR0 the program is meant to see
+        host_xcr0: int,
+        xcr0_changed: bool,  # the hardware XCR0 really is `mask` (ARCH_SET_XCR0)
+        hidden: frozenset[str],
+        added: frozenset[str] = frozenset(),  # features shown although the host lacks them
+        _ops: dict[tuple[int, int], Ops] | None = None,
+        _zero_leaves: frozenset[int] = frozenset(),
+    ) -> None:
+        self.mask = mask
+        self.host_xcr0 = host_xcr0
+        self.xcr0_changed = xcr0_changed
+        self.hidden = hidden
+        self.added = added
+        self._ops: dict[tuple[int, int], Ops] = {} if _ops is None else _ops
+        self._zero_leaves = _zero_leaves
+
+    def __repr__(self) -> str:
+        return (
+            f"CpuidView(mask={self.mask:#x}, host_xcr0={self.host_xcr0:#x}, "
+            f"xcr0_changed={self.xcr0_changed}, hidden={sorted(self.hidden)})"
+        )
 
     @classmethod
     def build(

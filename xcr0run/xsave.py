@@ -10,25 +10,42 @@ Pure module: no ctypes, no I/O.
 
 from __future__ import annotations
 
-import enum
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Optional
+TYPE_CHECKING = False  # typing and collections.abc cost start-up time; only mypy needs them
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+
+# Plain classes, not dataclasses: this module is on the launch path, and importing
+# dataclasses (with inspect) costs more than everything here.
 
 
-class Scope(str, enum.Enum):
+class Scope:
+    """Where a component is enabled (strings, not an enum: see ExitStatus in status.py)."""
+
     USER = "user"  # enabled through XCR0
     SUPERVISOR = "supervisor"  # enabled through IA32_XSS, never in XCR0
 
 
-@dataclass(frozen=True)
 class XSaveComponent:
-    number: int
-    name: str
-    title: str
-    scope: Scope
-    feature: str  # the CPUID feature (features.py) that enumerates it
-    aliases: tuple[str, ...] = ()
+    __slots__ = ("aliases", "feature", "name", "number", "scope", "title")
+
+    def __init__(
+        self,
+        number: int,
+        name: str,
+        title: str,
+        scope: str,  # Scope.USER or Scope.SUPERVISOR
+        feature: str,  # the CPUID feature (features.py) that enumerates it
+        aliases: tuple[str, ...] = (),
+    ) -> None:
+        self.number = number
+        self.name = name
+        self.title = title
+        self.scope = scope
+        self.feature = feature
+        self.aliases = aliases
+
+    def __repr__(self) -> str:
+        return f"XSaveComponent({self.number}, {self.name!r})"
 
     @property
     def bit(self) -> int:
@@ -70,8 +87,8 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "amx": ("tilecfg", "tiledata"),
 }
 
-USER_BITS: int = sum(c.bit for c in COMPONENTS if c.scope is Scope.USER)
-SUPERVISOR_BITS: int = sum(c.bit for c in COMPONENTS if c.scope is Scope.SUPERVISOR)
+USER_BITS: int = sum(c.bit for c in COMPONENTS if c.scope == Scope.USER)
+SUPERVISOR_BITS: int = sum(c.bit for c in COMPONENTS if c.scope == Scope.SUPERVISOR)
 
 
 def _build_names() -> dict[str, int]:
@@ -121,22 +138,42 @@ def component_name(number: int) -> str:
 NEEDS: dict[str, str] = {"avx": "sse", "avx512": "avx"}
 
 
-@dataclass(frozen=True)
 class Violation:
-    rule: str
-    message: str
+    """A rule `mask` breaks, and the message saying how."""
+
+    __slots__ = ("message", "rule")
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        self.message = message
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Violation) and (self.rule, self.message) == (
+            other.rule,
+            other.message,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.rule, self.message))
+
+    def __repr__(self) -> str:
+        return f"Violation({self.rule!r}, {self.message!r})"
 
 
-Check = Callable[[int, Optional[int]], Optional[str]]
-
-
-@dataclass(frozen=True)
 class Rule:
     """One XCR0 rule: `check(mask, supported)` returns the message when it is broken."""
 
-    name: str
-    explanation: str
-    _check: Check = field(repr=False)
+    __slots__ = ("_check", "explanation", "name")
+
+    def __init__(
+        self, name: str, explanation: str, check: Callable[[int, int | None], str | None]
+    ) -> None:
+        self.name = name
+        self.explanation = explanation
+        self._check = check
+
+    def __repr__(self) -> str:
+        return f"Rule({self.name!r})"
 
     def check(self, mask: int, supported: int | None) -> str | None:
         return self._check(mask, supported)
