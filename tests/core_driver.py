@@ -143,14 +143,14 @@ def run_core(
     misses: set[str] = set()  # traps the core sent up for want of an answer
     while True:
         stop = core.run()
-        reason = _core.Reason(stop.reason)
-        returns[reason.name] += 1
+        reason = stop.reason
+        returns[_core.Reason.name_of(reason)] += 1
         events += core.take_events()
-        if reason is _core.Reason.NO_TRACEES:
+        if reason == _core.Reason.NO_TRACEES:
             break
         tid, status = stop.tid, stop.status
         try:
-            if reason is _core.Reason.STATUS:
+            if reason == _core.Reason.STATUS:
                 if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                     if tid == pid:
                         report["exit_code"] = os.waitstatus_to_exitcode(status)
@@ -163,7 +163,7 @@ def run_core(
                     n.ptrace_listen(tid)  # a group-stop: stays stopped until SIGCONT
                 else:
                     n.ptrace_cont(tid, 0 if event else sig)
-            elif reason is _core.Reason.CPUID:
+            elif reason == _core.Reason.CPUID:
                 leaf, subleaf = stop.leaf, stop.subleaf
                 misses.add(f"{leaf:#x}.{subleaf}")
                 if leaf in PER_CPU_LEAVES:
@@ -176,21 +176,23 @@ def run_core(
                     if answer_flag:
                         core.put_answer(leaf, subleaf, regs)  # the next trap is the core's
                 core.complete_cpuid(tid, regs)
-            elif reason is _core.Reason.EXEC:
+            elif reason == _core.Reason.EXEC:
                 n.ptrace_cont(tid)
-            elif reason is _core.Reason.ARM_FAILED:
+            elif reason == _core.Reason.ARM_FAILED:
                 report["arm_failed"] = {"code": stop.code, "result": stop.result}
                 os.kill(tid, signal.SIGKILL)
-            elif reason is _core.Reason.ERROR:
+            elif reason == _core.Reason.ERROR:
                 raise n.NativeError(stop.err, "xc_run", tid)
         except n.NativeError as err:
             if err.errno != errno.ESRCH:
                 raise
-    kinds = collections.Counter(e.kind.name for e in events)
+    kinds = collections.Counter(_core.EventKind.name_of(e.kind) for e in events)
     report.update(
         leaves=counts_json(core.counts()),
         events=dict(kinds),
-        failed_calls=[[e.tid, e.code, e.result] for e in events if e.kind.name == "CALL_FAILED"],
+        failed_calls=[
+            [e.tid, e.code, e.result] for e in events if e.kind == _core.EventKind.CALL_FAILED
+        ],
         execs=kinds["EXEC"],
         processes=1 + kinds["FORK"] + kinds["VFORK"] + kinds["CLONE_PROCESS"],
         threads=1 + kinds["CLONE_THREAD"],

@@ -128,3 +128,17 @@ def test_the_banner_needs_no_rich() -> None:
     loaded = _launch_imports(["-m", "host", "--", "true"])
     assert "xcr0run.render" in loaded
     assert not loaded & (NOT_FOR_LAUNCHING - {"xcr0run.render", "xcr0run.describe"})
+
+
+# The tracing helper imports these before the program may start (it must have seized
+# the program first): the same rule, for the tracer's own modules.
+HELPER_MODULES = ["supervisor", "_core", "responder", "sigstate", "audit", "seccomp"]
+
+
+def test_the_tracer_imports_nothing_heavy_before_the_program_starts() -> None:
+    launch = "import xcr0run.run, xcr0run.launcher"
+    helper = "; ".join(f"import xcr0run.{m}" for m in HELPER_MODULES)
+    added = _modules_after(f"{launch}; {helper}") - _modules_after(launch)
+    assert {f"xcr0run.{m}" for m in HELPER_MODULES} - {"xcr0run.seccomp"} <= added
+    heavy = {m for m in NOT_FOR_LAUNCHING if not m.startswith("xcr0run.")}
+    assert not added & heavy

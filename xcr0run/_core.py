@@ -11,12 +11,15 @@ not (then the Python stop loop stands in).
 from __future__ import annotations
 
 import ctypes
-import enum
 import os
-from collections.abc import Iterable, Mapping
-from typing import NamedTuple
 
 from xcr0run._native import NativeError
+
+# Loaded by the tracing helper before the program may start: no enum, typing or
+# collections (their imports cost milliseconds), plain constants instead.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Mapping
 
 LIBRARY = "libxcr0run_core.so"
 # A library built elsewhere: the test suite builds one from the source of a checkout.
@@ -26,7 +29,17 @@ ABI_VERSION = 2
 ANSWER = 1  # per-tid flag: the core may answer this thread's CPUID traps
 
 
-class Reason(enum.IntEnum):
+class _Names:
+    @classmethod
+    def name_of(cls, value: int) -> str:
+        """The constant's name, for reports."""
+        for name, number in vars(cls).items():
+            if number == value and name.isupper():
+                return name
+        return str(value)
+
+
+class Reason(_Names):
     """Why Core.run returned (enum xc_reason)."""
 
     STATUS = 1  # a stop or exit the core does not handle: `status` as waitpid gave it
@@ -39,7 +52,7 @@ class Reason(enum.IntEnum):
     ERROR = 8  # a call failed with `err` (not ESRCH); the tracee is still stopped
 
 
-class EventKind(enum.IntEnum):
+class EventKind(_Names):
     FORK = 1
     VFORK = 2
     CLONE_THREAD = 3
@@ -93,12 +106,21 @@ class _Stats(ctypes.Structure):
     _fields_ = [(name, ctypes.c_uint64) for name in _STATS]
 
 
-class Event(NamedTuple):
-    kind: EventKind
-    tid: int
-    other: int  # the new tid (fork, vfork, clone) or the former tid (exec)
-    code: int = 0  # CALL_FAILED: the arch_prctl code
-    result: int = 0  # CALL_FAILED: -errno
+class Event:
+    """One entry of the core's event log (struct xc_event)."""
+
+    __slots__ = ("code", "kind", "other", "result", "tid")
+
+    def __init__(self, kind: int, tid: int, other: int, code: int = 0, result: int = 0) -> None:
+        self.kind = kind  # an EventKind
+        self.tid = tid
+        self.other = other  # the new tid (fork, vfork, clone) or the former tid (exec)
+        self.code = code  # CALL_FAILED: the arch_prctl code
+        self.result = result  # CALL_FAILED: -errno
+
+    def __repr__(self) -> str:
+        kind = EventKind.name_of(self.kind)
+        return f"Event({kind}, tid={self.tid}, other={self.other}, {self.code:#x}, {self.result})"
 
 
 Regs4 = ctypes.c_uint32 * 4
@@ -324,7 +346,7 @@ class Core:
         buf = (_Event * 256)()
         while True:
             n = self._lib.xc_take_events(self._handle, ctypes.addressof(buf), 256)
-            out += [Event(EventKind(e.kind), e.tid, e.other, e.code, e.result) for e in buf[:n]]
+            out += [Event(e.kind, e.tid, e.other, e.code, e.result) for e in buf[:n]]
             if n < 256:
                 return out
 

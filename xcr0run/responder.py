@@ -14,15 +14,20 @@ answer alike. Trap counts kept here are the traps Python answered itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 
 from xcr0run import _native as n
 from xcr0run.cpuid import ECX_IGNORED_LEAVES, PER_CPU_LEAVES, Registers, cache_key
-from xcr0run.view import CpuidView
+
+TYPE_CHECKING = False  # typing and collections cost the helper's start-up
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from xcr0run.view import CpuidView
 
 Key = tuple[int, int]
-# A new answer: (leaf, normalised sub-leaf, registers on every CPU, or per CPU).
-AnswerListener = Callable[[Key, "Registers | dict[int, Registers]"], None]
+if TYPE_CHECKING:
+    # A new answer: (leaf, normalised sub-leaf), registers on every CPU or per CPU.
+    AnswerListener = Callable[[Key, "Registers | dict[int, Registers]"], None]
 
 
 class CpuidResponder:

@@ -14,9 +14,6 @@ followed, nor is the signal state of 32-bit (int 0x80) code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
-
 SIGKILL, SIGSEGV, SIGSTOP = 9, 11, 19
 SIG_DFL, SIG_IGN = 0, 1
 SA_NODEFER = 0x40000000
@@ -36,12 +33,25 @@ def bit(sig: int) -> int:
     return 1 << (sig - 1)
 
 
-@dataclass(frozen=True)
 class Disposition:
-    handler: int = SIG_DFL
-    flags: int = 0
-    restorer: int = 0
-    mask: int = 0
+    """A struct sigaction as the kernel keeps it. (Plain classes here, not dataclasses:
+    the tracing helper imports this module before the program may start.)"""
+
+    __slots__ = ("flags", "handler", "mask", "restorer")
+
+    def __init__(self, handler: int = SIG_DFL, flags: int = 0, restorer: int = 0, mask: int = 0):
+        self.handler, self.flags, self.restorer, self.mask = handler, flags, restorer, mask
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Disposition) and self.words() == other.words()
+
+    def __hash__(self) -> int:
+        return hash(self.words())
+
+    def __repr__(self) -> str:
+        return "Disposition(handler={:#x}, flags={:#x}, restorer={:#x}, mask={:#x})".format(
+            *self.words()
+        )
 
     @property
     def is_function(self) -> bool:
@@ -55,11 +65,11 @@ _DEFAULT = Disposition()
 _IGNORED = Disposition(SIG_IGN)
 
 
-@dataclass
 class ProcessSignals:
     """The dispositions of one process that differ from SIG_DFL."""
 
-    actions: dict[int, Disposition] = field(default_factory=dict)
+    def __init__(self, actions: dict[int, Disposition] | None = None) -> None:
+        self.actions: dict[int, Disposition] = actions if actions is not None else {}
 
     def get(self, sig: int) -> Disposition:
         return self.actions.get(sig, _DEFAULT)
@@ -107,12 +117,26 @@ def on_delivery(blocked: int, sig: int, action: Disposition) -> int:
     return (blocked | added) & ~_UNBLOCKABLE
 
 
-@dataclass(frozen=True)
 class TrapRepair:
     """What to put back after a CPUID trap the kernel delivered as a forced SIGSEGV."""
 
-    action: Disposition | None  # the SIGSEGV disposition to reinstall, if it was reset
-    reblock: bool  # SIGSEGV was blocked in the thread and must be blocked again
+    __slots__ = ("action", "reblock")
+
+    def __init__(self, action: Disposition | None, reblock: bool) -> None:
+        self.action = action  # the SIGSEGV disposition to reinstall, if it was reset
+        self.reblock = reblock  # SIGSEGV was blocked in the thread: block it again
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, TrapRepair) and (self.action, self.reblock) == (
+            other.action,
+            other.reblock,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.action, self.reblock))
+
+    def __repr__(self) -> str:
+        return f"TrapRepair(action={self.action!r}, reblock={self.reblock})"
 
     @property
     def needed(self) -> bool:
@@ -131,11 +155,15 @@ def repair_after_trap(segv: Disposition, blocked: int) -> TrapRepair:
     return TrapRepair(None if segv.handler == SIG_DFL else segv, was_blocked)
 
 
-class ThreadSignals(Protocol):
-    """What the policy needs of a traced thread: its process and its signal mask."""
+TYPE_CHECKING = False  # typing's import costs the helper's start-up; only mypy needs it
+if TYPE_CHECKING:
+    from typing import Protocol
 
-    tgid: int
-    blocked: int
+    class ThreadSignals(Protocol):
+        """What the policy needs of a traced thread: its process and its signal mask."""
+
+        tgid: int
+        blocked: int
 
 
 class SignalPolicy:

@@ -22,15 +22,8 @@ an Outcome.
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import errno
 import os
-import signal
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from xcr0run import _native as n
 from xcr0run import sigstate
@@ -41,8 +34,19 @@ from xcr0run.responder import CpuidResponder, Key
 from xcr0run.seccomp import CLONE_UNTRACED, Stop
 from xcr0run.view import CpuidView
 
+# The helper imports this before the program may start: no dataclasses, enum, typing,
+# contextlib or signal.py (whose enums pull in functools and collections), only what runs.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import signal
+    from collections.abc import Callable
+
     from xcr0run import _core
+else:
+    try:
+        import _signal as signal
+    except ImportError:  # not CPython's layout
+        import signal
 
 _SYSCALL_BYTES = 0x050F  # 0f 05
 _INT80_BYTES = 0x80CD  # cd 80
@@ -68,7 +72,7 @@ _ENOSYS = (1 << 64) - errno.ENOSYS
 _SCRATCH_BELOW_SP = 512
 
 
-class Phase(enum.Enum):
+class Phase:
     RUNNING = 0
     NEW = 1  # auto-attached, first stop not seen yet
     EXECED = 2  # exec event seen, waiting for execve's syscall-exit stop
@@ -76,47 +80,70 @@ class Phase(enum.Enum):
     INJECT_EXIT = 4  # an injected call is about to return
 
 
-@dataclass(frozen=True)
 class Injection:
     """A system call run in the tracee: (number, arguments), 64-bit ABI unless `i386`."""
 
-    number: int
-    args: tuple[int, ...]
-    what: str
-    required: bool = True
+    __slots__ = ("args", "number", "required", "what")
+
+    def __init__(self, number: int, args: tuple[int, ...], what: str, required: bool = True):
+        self.number, self.args, self.what, self.required = number, args, what, required
 
 
-@dataclass
 class Tracee:
-    tid: int
-    tgid: int
-    phase: Phase = Phase.RUNNING
-    announced: bool = False  # its parent's fork/clone event has been seen
-    held: bool = False  # its first stop came first: kept stopped until the event
-    resume_regs: n.UserRegs | None = None  # registers to restore after injections
-    saved_word: int = 0
-    saved_at: int = 0
-    pending: list[Injection] = field(default_factory=list)
-    reblock_segv: bool = False  # after the injections, block SIGSEGV again
-    names: tuple[str, str] | None = None  # comm and exe, read at the first audit sample
-    blocked: int = 0  # the signal mask as the program set it (sigstate.py)
-    program_faulting: bool = False  # the program itself asked for ARCH_SET_CPUID(0)
-    core_flags: int = 0  # the compiled core's flags for it, as last set
+    __slots__ = (
+        "announced",
+        "blocked",
+        "core_flags",
+        "held",
+        "names",
+        "pending",
+        "phase",
+        "program_faulting",
+        "reblock_segv",
+        "resume_regs",
+        "saved_at",
+        "saved_word",
+        "tgid",
+        "tid",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        tid: int,
+        tgid: int,
+        phase: int = Phase.RUNNING,
+        announced: bool = False,
+        core_flags: int = 0,
+    ) -> None:
+        self.tid = tid
+        self.tgid = tgid
+        self.phase = phase
+        self.announced = announced  # its parent's fork/clone event has been seen
+        self.held = False  # its first stop came first: kept stopped until the event
+        self.resume_regs: n.UserRegs | None = None  # registers to restore after injections
+        self.saved_word = 0
+        self.saved_at = 0
+        self.pending: list[Injection] = []
+        self.reblock_segv = False  # after the injections, block SIGSEGV again
+        self.names: tuple[str, str] | None = None  # comm and exe, read at the first sample
+        self.blocked = 0  # the signal mask as the program set it (sigstate.py)
+        self.program_faulting = False  # the program itself asked for ARCH_SET_CPUID(0)
+        self.core_flags = core_flags  # the compiled core's flags for it, as last set
 
 
-@dataclass
 class Outcome:
     """How the program ended, and what the supervisor did on the way."""
 
-    pid: int
-    exit_code: int | None = None
-    signal: int | None = None
-    processes: int = 0
-    threads: int = 0
-    execs: int = 0
-    cpuid_traps: int = 0
-    leaves: dict[str, int] = field(default_factory=dict)  # "leaf.subleaf" -> traps
-    warnings: list[str] = field(default_factory=list)
+    def __init__(self, pid: int, processes: int = 0, threads: int = 0) -> None:
+        self.pid = pid
+        self.exit_code: int | None = None
+        self.signal: int | None = None
+        self.processes = processes
+        self.threads = threads
+        self.execs = 0
+        self.cpuid_traps = 0
+        self.leaves: dict[str, int] = {}  # "leaf.subleaf" -> traps
+        self.warnings: list[str] = []
 
     def count_leaves(self, counts: dict[tuple[int, int], int]) -> None:
         self.cpuid_traps = sum(counts.values())
@@ -127,10 +154,11 @@ class SupervisorError(Xcr0runError):
     """The supervisor could not do its job; the program tree has been killed."""
 
 
-# Called once, when the program (the process the shell started) is about to end: with
-# its exit code, or None when a signal ends it. May return another exit code (the
-# audit's 124), which replaces the program's where the exit is still a system call.
-ProgramExit = Callable[["Outcome", "int | None"], "int | None"]
+if TYPE_CHECKING:
+    # Called once, when the program (the process the shell started) is about to end: with
+    # its exit code, or None when a signal ends it. May return another exit code (the
+    # audit's 124), which replaces the program's where the exit is still a system call.
+    ProgramExit = Callable[["Outcome", "int | None"], "int | None"]
 
 
 class Supervisor:
@@ -163,7 +191,7 @@ class Supervisor:
         self._on_exec = on_exec  # (pid, path): every new program image
         self._on_program_exit = on_program_exit
         self._program_exit_done = on_program_exit is None
-        self._queue: deque[tuple[int, int]] = deque()  # stops collected, not yet handled
+        self._queue: list[tuple[int, int]] = []  # stops collected, not yet handled
         self.sample_due = False
         wants_exit_stops = audit is not None or on_program_exit is not None
         self._options = _OPTIONS | (n.PTRACE_O_TRACEEXIT if wants_exit_stops else 0)
@@ -285,7 +313,7 @@ class Supervisor:
                 except ChildProcessError:
                     if not queue:
                         break
-            tid, status = queue.popleft()
+            tid, status = queue.pop(0)
             self._handle(tid, status)
 
     def _run_core(self, core: _core.Core) -> None:
@@ -361,8 +389,10 @@ class Supervisor:
             return
         if isinstance(answer, dict):
             for cpu, regs in answer.items():
-                with contextlib.suppress(n.NativeError):  # a CPU number beyond its table
+                try:  # a CPU number beyond its table
                     core.put_cpu_answer(cpu, k[0], k[1], regs)
+                except n.NativeError:
+                    pass
         else:
             core.put_answer(k[0], k[1], answer)
 
@@ -371,7 +401,7 @@ class Supervisor:
         thread's flag is clear (its signal state needs repair, or it armed faulting
         itself)."""
         tracee = self._tracees.get(tid) or self._stranger(tid)
-        if not self.trap_cpuid or tracee.program_faulting or tracee.phase is not Phase.RUNNING:
+        if not self.trap_cpuid or tracee.program_faulting or tracee.phase != Phase.RUNNING:
             self._signal_stop(tracee, signal.SIGSEGV)  # its own SIGSEGV, as natively
             return
         answer = self.responder.answer(leaf, subleaf, lambda: core.thread_cpu(tid))
@@ -397,8 +427,10 @@ class Supervisor:
             flags = 0
         if flags != tracee.core_flags:
             tracee.core_flags = flags
-            with contextlib.suppress(n.NativeError):
+            try:
                 core.set_flags(tracee.tid, flags)
+            except n.NativeError:
+                pass
 
     def _sync_process(self, tgid: int) -> None:
         for tracee in [t for t in self._tracees.values() if t.tgid == tgid]:
@@ -419,8 +451,10 @@ class Supervisor:
     def interrupt_all(self) -> None:
         """Stop every thread briefly (PTRACE_INTERRUPT), for a periodic audit sample."""
         for tid in list(self._tracees):
-            with contextlib.suppress(n.NativeError):  # exiting meanwhile
+            try:  # exiting meanwhile
                 n.ptrace_interrupt(tid)
+            except n.NativeError:
+                pass
 
     def on_wakeup(self) -> None:
         """Called (from a signal handler in the tracer thread) when a timer fires."""
@@ -503,7 +537,7 @@ class Supervisor:
             self._exit_event(tracee)
             self._resume(tracee)
         elif event == n.PTRACE_EVENT_STOP:
-            if tracee.phase is Phase.NEW:
+            if tracee.phase == Phase.NEW:
                 if tracee.announced:
                     tracee.phase = Phase.RUNNING
                     self._resume(tracee)
@@ -648,7 +682,7 @@ class Supervisor:
 
     def _seccomp_stop(self, tracee: Tracee) -> None:
         tid = tracee.tid
-        if tracee.phase is not Phase.RUNNING:
+        if tracee.phase != Phase.RUNNING:
             # One of our injected calls (they pass the filter too), or the program's first
             # steps before exec: nothing to follow.
             self._resume(tracee)
@@ -672,10 +706,12 @@ class Supervisor:
                 regs.rdi &= ~CLONE_UNTRACED
             n.ptrace_setregs(tid, regs)
         elif why == Stop.CLONE3:
-            with contextlib.suppress(n.NativeError):  # a bad pointer: clone3 says EFAULT
+            try:  # a bad pointer: clone3 says EFAULT
                 flags = n.ptrace_peek(tid, regs.rdi)
                 if flags & CLONE_UNTRACED:
                     n.ptrace_poke(tid, regs.rdi, flags & ~CLONE_UNTRACED)
+            except n.NativeError:
+                pass
         elif why == Stop.SIGACTION:
             self._follow_sigaction(tracee, regs)
             self._sync_process(tracee.tgid)
@@ -683,9 +719,11 @@ class Supervisor:
             self._follow_sigprocmask(tracee, regs)
             self._sync(tracee)
         elif why == Stop.SIGRETURN:
-            with contextlib.suppress(n.NativeError):
+            try:
                 mask = n.ptrace_peek(tid, regs.rsp + sigstate.UC_SIGMASK_OFFSET)
                 tracee.blocked = sigstate.after_sigprocmask(0, sigstate.SIG_SETMASK, mask)
+            except n.NativeError:
+                pass
             self._sync(tracee)
         elif why in (Stop.EXIT, Stop.EXIT_GROUP, Stop.EXIT_32, Stop.EXIT_GROUP_32):
             self._exit_call(tracee, regs, why)
@@ -767,7 +805,7 @@ class Supervisor:
     def _syscall_stop(self, tracee: Tracee) -> None:
         tid = tracee.tid
         regs = n.ptrace_getregs(tid, self._regs)
-        if tracee.phase is Phase.EXECED:
+        if tracee.phase == Phase.EXECED:
             # execve has returned into the new image, whose first instruction has not run.
             tracee.resume_regs = n.UserRegs.from_buffer_copy(regs)
             tracee.saved_at, tracee.saved_word = regs.rip, n.ptrace_peek(tid, regs.rip)
@@ -776,10 +814,10 @@ class Supervisor:
                 for code, arg, what, required in self._after_exec
             ]
             self._inject_next(tracee)
-        elif tracee.phase is Phase.INJECT_ENTER:
+        elif tracee.phase == Phase.INJECT_ENTER:
             tracee.phase = Phase.INJECT_EXIT
             n.ptrace_syscall(tid)
-        elif tracee.phase is Phase.INJECT_EXIT:
+        elif tracee.phase == Phase.INJECT_EXIT:
             result = regs.rax if regs.rax < 1 << 63 else regs.rax - (1 << 64)
             call = tracee.pending.pop(0)
             if result < 0:
@@ -840,7 +878,7 @@ class Supervisor:
 
     def _cpuid_trap(self, tracee: Tracee) -> bool:
         """Answer a faulting CPUID; False if this SIGSEGV is anything else."""
-        if not self.trap_cpuid or tracee.phase is not Phase.RUNNING:
+        if not self.trap_cpuid or tracee.phase != Phase.RUNNING:
             return False
         tid = tracee.tid
         info = n.ptrace_getsiginfo(tid, self._siginfo)
