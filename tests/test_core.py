@@ -389,3 +389,16 @@ def test_xcr0run_follows_a_tree_alike_with_either_loop(
     assert runs[0] == runs[1]
     assert runs[0][0] == (3 if program == "shell" else 0)
     assert runs[0][1]["execs"] >= (4 if program == "tree" else 3)
+
+
+def test_show_names_the_stop_loop_in_use(tmp_path) -> None:
+    from tests.conftest import xcr0run
+
+    loops = []
+    for env in ({}, {"XCR0RUN_CORE_LIBRARY": str(tmp_path / "missing.so")}):
+        result = xcr0run(["--show", "--json"], env=env, check=True)
+        loops.append(json.loads(result.stdout)["stop_loop"])
+    assert loops[0]["compiled_core"] and loops[0]["detail"].startswith("compiled core")
+    assert not loops[1]["compiled_core"]
+    assert loops[1]["detail"].startswith("Python loop (no usable compiled core")
+    assert "Stop loop" in xcr0run(["--show"], check=True).stdout

@@ -150,7 +150,7 @@ _STYLE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # The words a line of --show may start with; anything else is a wrapped line that lost
 # its indentation.
 _LINE_STARTS = re.compile(
-    r"(XCR0|XINUSE|bit|\d+|XSAVE area|Kernel|CPUID faulting|ARCH_SET_XCR0|psABI level|CPU"
+    r"(XCR0|XINUSE|bit|\d+|XSAVE area|Kernel|CPUID faulting|ARCH_SET_XCR0|psABI level|Stop loop|CPU"
     r"|With|pid|tid) "
 )
 

@@ -176,6 +176,7 @@ def show(report: XStateReport, out: IO[str]) -> None:
                         f" ({escape(setx['detail'])})",
                     ),
                     ("psABI level", data["psabi_level"] or "below x86-64-v1"),
+                    ("Stop loop", escape(data["stop_loop"]["detail"])),
                     ("CPU", escape(f"{data['cpu']['vendor']} {data['cpu']['brand']}")),
                 ]
             )

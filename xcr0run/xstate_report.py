@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from xcr0run import cpuid, host, procfs, xsave
+from xcr0run import _core, cpuid, host, procfs, xsave
 from xcr0run.cpuid import XSAVE_LEAF, CpuidTable
 from xcr0run.errors import Xcr0runError
 from xcr0run.masks import format_mask
@@ -55,6 +55,7 @@ class XStateReport:
     psabi_level: str | None
     vendor: str
     brand: str
+    stop_loop: tuple[bool, str]  # the compiled core loads, and which loop supervises
     plan: dict[str, Any] | None = field(default=None)
 
     def to_json(self) -> dict[str, Any]:
@@ -90,6 +91,7 @@ class XStateReport:
                 "detail": self.caps.set_xcr0_detail,
             },
             "psabi_level": self.psabi_level,
+            "stop_loop": {"compiled_core": self.stop_loop[0], "detail": self.stop_loop[1]},
             "cpu": {"vendor": self.vendor, "brand": self.brand},
             "plan": self.plan,
         }
@@ -147,6 +149,7 @@ def gather(caps: Capabilities, xcr0_prctl_code: int, table: CpuidTable) -> XStat
         psabi_level=psabi_level(table, caps.xcr0),
         vendor=cpuid.vendor(table),
         brand=cpuid.brand(table),
+        stop_loop=_core.status(),
     )
 
 
