@@ -640,9 +640,11 @@ def _boot_once(
     cmd: list[str], job: Path, console_path: Path, deadline: float
 ) -> tuple[str, float | None]:
     """Run L1 until it exits.  Returns "done", "stalled" (L2 never started the
-    command) or "timeout", and the seconds it took L2 to start the command."""
+    command), "lockup" (L1's CPU running L2 hung) or "timeout", and the seconds it took
+    L2 to start the command."""
     start = time.monotonic()
     started: float | None = None
+    checked = start
     with open(console_path, "wb") as console:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
         try:
@@ -654,12 +656,32 @@ def _boot_once(
                     return "timeout", started
                 if started is None and now > start + BOOT_TIMEOUT:
                     return "stalled", started
+                if now > checked + 5:
+                    checked = now
+                    if _l1_locked_up(console_path):
+                        return "lockup", started
                 time.sleep(0.05)
             return "done", started
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# KVM nested in TCG sometimes wedges the L1 CPU that runs L2 (the watchdog then reports
+# "soft lockup - CPU#n stuck for Ns! [qemu-system-x86...]" every ~28 s and L2 never
+# moves again); seen a few times per hour-long run, at different tests. Waiting for the
+# run's timeout wastes the hour: after this long stuck, give up on the boot.
+LOCKUP_SECONDS = 120
+_LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s! \[qemu-system")
+
+
+def _l1_locked_up(console_path: Path) -> bool:
+    try:
+        text = console_path.read_bytes()
+    except OSError:
+        return False
+    return any(int(m.group(1)) >= LOCKUP_SECONDS for m in _LOCKUP.finditer(text))
 
 
 def run_in_guest(
@@ -718,6 +740,10 @@ def run_in_guest(
             console = "\n=== next boot ===\n".join(consoles)
             if outcome == "timeout":
                 raise GuestTimeout(f"guest run exceeded {timeout:g}s", console)
+            if outcome == "lockup":
+                # The command ran part-way: not rebooted here (the time is spent); the
+                # caller may run it again from the start.
+                raise GuestError("L1 locked up running L2 (nested KVM under TCG)", console)
             if outcome == "done":
                 break
         else:
