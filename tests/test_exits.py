@@ -92,3 +92,15 @@ def test_exit_while_a_thread_waits_in_vfork_does_not_hang(cbuild, loop_env) -> N
     assert (result.returncode, result.stdout) == (direct.returncode, direct.stdout)
     assert result.stdout == "main exits\n"
     assert took < 6, f"the program's end waited {took:.1f} s for the vfork child"
+
+
+def test_a_clone_untraced_child_is_followed_and_exits_as_natively(cbuild, loop_env) -> None:
+    """Without CPUID faulting the filter still stops exits for the audit: a child that
+    asked for CLONE_UNTRACED is traced anyway, so that its exit has a tracer to stop for."""
+    prog = cbuild("clone_untraced.c")
+    direct = _direct([prog])
+    assert direct.stdout.endswith("child: exited=1 code=7 signal=0\n")
+    report = ["--report", "/dev/null"]
+    for options in (FOLLOW, ["-q", "-m", "host", *report], ["-q", "-m", "host", "--strict"]):
+        result = xcr0run([*options, "--", prog], env=loop_env, timeout=30)
+        assert (result.returncode, result.stdout) == (direct.returncode, direct.stdout)
