@@ -104,3 +104,17 @@ def test_a_clone_untraced_child_is_followed_and_exits_as_natively(cbuild, loop_e
     for options in (FOLLOW, ["-q", "-m", "host", *report], ["-q", "-m", "host", "--strict"]):
         result = xcr0run([*options, "--", prog], env=loop_env, timeout=30)
         assert (result.returncode, result.stdout) == (direct.returncode, direct.stdout)
+
+
+def test_the_verdict_survives_threads_racing_to_exit_group(cbuild, loop_env) -> None:
+    """Nine threads call exit_group(0) at once and each stops for the helper: whichever
+    sets the group's status must carry the verdict's 124, not only the one that
+    concluded (it lost about one run in five)."""
+    prog = cbuild("racing_exit_group.c", "-pthread")
+    assert _direct([prog, "8"]).returncode == 0
+    statuses = []
+    for _ in range(12):
+        options = ["-q", "-m", "host", "--expect-used", "amx"]
+        result = xcr0run([*options, "--", prog, "8"], env=loop_env, timeout=30)
+        statuses.append(result.returncode)
+    assert statuses == [124] * len(statuses)

@@ -194,6 +194,7 @@ class Supervisor:
         self._on_exec = on_exec  # (pid, path): every new program image
         self._on_program_exit = on_program_exit
         self._program_exit_done = on_program_exit is None
+        self._exit_rewrite: dict[int, int] = {}  # the program's exit code -> the verdict's
         self._queue: list[tuple[int, int]] = []  # stops collected, not yet handled
         self.sample_due = False
         wants_exit_stops = audit is not None or on_program_exit is not None
@@ -809,14 +810,22 @@ class Supervisor:
     def _exit_call(self, tracee: Tracee, regs: n.UserRegs, why: int) -> None:
         """exit or exit_group: if it ends the program, conclude now, while the exit code
         can still change."""
-        if self._program_exit_done or tracee.tgid != self.outcome.pid:
+        if tracee.tgid != self.outcome.pid:
             return
         group = why in (Stop.EXIT_GROUP, Stop.EXIT_GROUP_32)
-        if not group and self._live.get(tracee.tgid, 0) > 1:
-            return  # one thread of several
         i386 = why in (Stop.EXIT_32, Stop.EXIT_GROUP_32)
         code = (regs.rbx if i386 else regs.rdi) & 0xFF
-        replaced = self._program_ending(code, tracee)
+        if self._program_exit_done:
+            # Another thread's exit concluded, but threads that called exit_group at
+            # the same time race to set the group's status: whichever gets there first
+            # must carry the same replacement.
+            replaced = self._exit_rewrite.get(code) if group else None
+        elif not group and self._live.get(tracee.tgid, 0) > 1:
+            return  # one thread of several
+        else:
+            replaced = self._program_ending(code, tracee)
+            if replaced is not None:
+                self._exit_rewrite[code] = replaced
         if replaced is not None and replaced != code:
             if i386:
                 regs.rbx = replaced
