@@ -87,11 +87,11 @@ def test_exit_while_a_thread_waits_in_vfork_does_not_hang(cbuild, loop_env) -> N
     prog = cbuild("vfork_thread_exit.c", "-pthread")
     direct = _direct([prog, "1"])
     start = time.monotonic()
-    result = xcr0run([*FOLLOW, "--", prog, "8"], env=loop_env, timeout=30)
+    result = xcr0run([*FOLLOW, "--", prog, "15"], env=loop_env, timeout=40)
     took = time.monotonic() - start
     assert (result.returncode, result.stdout) == (direct.returncode, direct.stdout)
     assert result.stdout == "main exits\n"
-    assert took < 6, f"the program's end waited {took:.1f} s for the vfork child"
+    assert took < 12, f"the program's end waited {took:.1f} s for the vfork child"
 
 
 def test_a_clone_untraced_child_is_followed_and_exits_as_natively(cbuild, loop_env) -> None:
