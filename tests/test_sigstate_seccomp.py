@@ -94,8 +94,28 @@ def test_only_what_is_asked_for_stops() -> None:
     assert run_bpf(amx_only, X64, NR64["arch_prctl"], 0x1012, 0) == ALLOW
     assert run_bpf(amx_only, X64, NR64["rt_sigreturn"]) == ALLOW
     assert run_bpf(amx_only, X64, NR64["exit_group"], 0) == ALLOW
+    # Nothing traced, nothing to drop: clone3 and CLONE_UNTRACED run (no tracer to stop for).
+    assert run_bpf(amx_only, X64, NR64["clone3"], 0x7FFC0000, 88) == ALLOW
+    assert run_bpf(amx_only, X64, NR64["clone"], 0x00800000 | 17) == ALLOW
     assert FilterSpec().empty and not FilterSpec(stop_at_exit=True).empty
     assert all(Stop.is_ours(v) for k, v in vars(Stop).items() if k.isupper())
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [FilterSpec(stop_at_exit=True), FilterSpec(explain_ptrace=True), FilterSpec(guard_cpuid=True)],
+)
+def test_clone_untraced_stops_whenever_a_call_stops_for_the_tracer(spec: FilterSpec) -> None:
+    """An untraced child would keep a filter whose RET_TRACE has no tracer behind it (its
+    exit fails with ENOSYS): the flag must stop to be dropped, with or without faulting."""
+    prog = seccomp.build(spec)
+    assert run_bpf(prog, X64, NR64["clone"], 0x00800000 | 17) == TRACE | Stop.CLONE_UNTRACED
+    assert run_bpf(prog, I386, NR32["clone"], 0x00800011) == TRACE | Stop.CLONE_UNTRACED_32
+    assert run_bpf(prog, X64, NR64["clone3"], 0x7FFC0000, 88) == TRACE | Stop.CLONE3
+    assert run_bpf(prog, X64, NR64["clone"], 0x003D0F00) == ALLOW
+    # Signal state is followed for the CPUID guard only.
+    expected = TRACE | Stop.SIGRETURN if spec.guard_cpuid else ALLOW
+    assert run_bpf(prog, X64, NR64["rt_sigreturn"]) == expected
 
 
 SEGV = sigstate.SEGV_BIT

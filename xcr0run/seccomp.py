@@ -89,6 +89,13 @@ class FilterSpec:
         self.stop_at_exit = stop_at_exit
 
     @property
+    def traces(self) -> bool:
+        """Whether some call stops for the tracer (SECCOMP_RET_TRACE). Then CLONE_UNTRACED
+        must stop too, so the flag is dropped: an untraced child would inherit the filter
+        with no tracer behind it, and every traced call (its exit!) fail with ENOSYS."""
+        return self.explain_ptrace or self.guard_cpuid or self.stop_at_exit
+
+    @property
     def empty(self) -> bool:
         return not (self.deny_amx or self.explain_ptrace or self.guard_cpuid or self.stop_at_exit)
 
@@ -166,7 +173,7 @@ def build(spec: FilterSpec) -> list[Insn]:
     cases32 = _arch_prctl_cases(spec, Stop.CPUID_PRCTL_32)
     if cases32:
         i386.syscall((NR32["arch_prctl"],), _arg_equals(_ARG0, cases32))
-    if spec.guard_cpuid:
+    if spec.traces:
         i386.syscall(
             (NR32["clone"],),
             _flag_set(_ARG0, CLONE_UNTRACED, RET_TRACE | Stop.CLONE_UNTRACED_32),
@@ -185,7 +192,7 @@ def build(spec: FilterSpec) -> list[Insn]:
         )
     if spec.explain_ptrace:
         x86_64.syscall((NR64["ptrace"],), [_ret(RET_TRACE | Stop.PTRACE)])
-    if spec.guard_cpuid:
+    if spec.traces:
         x86_64.syscall(
             (NR64["clone"], NR64["clone"] | X32_SYSCALL_BIT),
             _flag_set(_ARG0, CLONE_UNTRACED, RET_TRACE | Stop.CLONE_UNTRACED),
@@ -193,6 +200,7 @@ def build(spec: FilterSpec) -> list[Insn]:
         x86_64.syscall(
             (NR64["clone3"], NR64["clone3"] | X32_SYSCALL_BIT), [_ret(RET_TRACE | Stop.CLONE3)]
         )
+    if spec.guard_cpuid:
         # Changes of the program's signal state, which a trapped CPUID can undo (see
         # sigstate.py): only calls that change something stop.
         x86_64.syscall((NR64["rt_sigaction"],), _arg_nonzero(_ARG1, RET_TRACE | Stop.SIGACTION))

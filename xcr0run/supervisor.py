@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
 from xcr0run import _native as n
 from xcr0run import sigstate
@@ -70,6 +71,8 @@ _SKIPPED = (1 << 64) - 1  # orig_rax -1: the kernel skips the call, rax is its r
 _ENOSYS = (1 << 64) - errno.ENOSYS
 # Below the red zone, for a struct the tracer hands an injected call.
 _SCRATCH_BELOW_SP = 512
+# How long the program's exit waits for its other threads to stop for a last sample.
+_SAMPLE_WAIT = 1.0
 
 
 class Phase:
@@ -191,6 +194,7 @@ class Supervisor:
         self._on_exec = on_exec  # (pid, path): every new program image
         self._on_program_exit = on_program_exit
         self._program_exit_done = on_program_exit is None
+        self._exit_rewrite: dict[int, int] = {}  # the program's exit code -> the verdict's
         self._queue: list[tuple[int, int]] = []  # stops collected, not yet handled
         self.sample_due = False
         wants_exit_stops = audit is not None or on_program_exit is not None
@@ -649,9 +653,16 @@ class Supervisor:
 
     def _sample_others(self, caller: Tracee) -> None:
         """Stop and sample the program's other threads before its exit kills them (they
-        do not stop at their exit: a fatal signal is pending)."""
+        do not stop at their exit: a fatal signal is pending).
+
+        Never waits for one thread alone, nor for ever: a thread that has exited (the
+        zombie leader after pthread_exit in main) never reports a stop, and one inside
+        vfork() stops only once its child execs or exits, which may need this helper
+        running. Such threads are left unsampled; an interrupt still pending when they
+        do stop is resumed by whichever loop runs."""
         core = self._core
         stopped = {tid for tid, _ in self._queue}
+        waiting: list[Tracee] = []
         for other in [t for t in self._tracees.values() if t.tgid == caller.tgid]:
             if other is caller:
                 continue
@@ -662,21 +673,46 @@ class Supervisor:
             ):
                 self._sample(other)  # stopped already, its stop waiting in the queue
                 continue
+            if _thread_state(other.tid) in "ZX":
+                continue  # exited: nothing to stop or sample
             try:
                 n.ptrace_interrupt(other.tid)
-                tid, status = os.waitpid(other.tid, n.WALL)
-            except (n.NativeError, ChildProcessError):
+            except n.NativeError:
                 continue
-            if os.WIFSTOPPED(status):
-                self._sample(other)
-                if status >> 16 == n.PTRACE_EVENT_STOP and os.WSTOPSIG(status) == signal.SIGTRAP:
-                    self._resume(other)  # our interrupt
+            waiting.append(other)
+        delay, deadline = 0.0005, time.monotonic() + _SAMPLE_WAIT
+        while waiting:
+            for other in list(waiting):
+                try:
+                    tid, status = os.waitpid(other.tid, n.WALL | os.WNOHANG)
+                except ChildProcessError:
+                    waiting.remove(other)
                     continue
-            # An exit, or a stop of its own: handled in turn by whichever loop runs.
-            if core is not None:
-                core.requeue(tid, status)
-            else:
-                self._queue.append((tid, status))
+                if not tid:
+                    continue
+                waiting.remove(other)
+                self._took_stop(other, tid, status)
+            if not waiting or time.monotonic() > deadline:
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def _took_stop(self, other: Tracee, tid: int, status: int) -> None:
+        """A stop `_sample_others` collected itself: sample it, resume it if it is our
+        interrupt, else hand it to the loop that runs."""
+        if os.WIFSTOPPED(status):
+            self._sample(other)
+            if status >> 16 == n.PTRACE_EVENT_STOP and os.WSTOPSIG(status) == signal.SIGTRAP:
+                try:
+                    self._resume(other)  # our interrupt
+                except n.NativeError:
+                    pass  # killed meanwhile: its exit report follows
+                return
+        # An exit, or a stop of its own: handled in turn by whichever loop runs.
+        if self._core is not None:
+            self._core.requeue(tid, status)
+        else:
+            self._queue.append((tid, status))
 
     # -- stops the seccomp filter asked for ------------------------------------------------------
 
@@ -774,14 +810,22 @@ class Supervisor:
     def _exit_call(self, tracee: Tracee, regs: n.UserRegs, why: int) -> None:
         """exit or exit_group: if it ends the program, conclude now, while the exit code
         can still change."""
-        if self._program_exit_done or tracee.tgid != self.outcome.pid:
+        if tracee.tgid != self.outcome.pid:
             return
         group = why in (Stop.EXIT_GROUP, Stop.EXIT_GROUP_32)
-        if not group and self._live.get(tracee.tgid, 0) > 1:
-            return  # one thread of several
         i386 = why in (Stop.EXIT_32, Stop.EXIT_GROUP_32)
         code = (regs.rbx if i386 else regs.rdi) & 0xFF
-        replaced = self._program_ending(code, tracee)
+        if self._program_exit_done:
+            # Another thread's exit concluded, but threads that called exit_group at
+            # the same time race to set the group's status: whichever gets there first
+            # must carry the same replacement.
+            replaced = self._exit_rewrite.get(code) if group else None
+        elif not group and self._live.get(tracee.tgid, 0) > 1:
+            return  # one thread of several
+        else:
+            replaced = self._program_ending(code, tracee)
+            if replaced is not None:
+                self._exit_rewrite[code] = replaced
         if replaced is not None and replaced != code:
             if i386:
                 regs.rbx = replaced
@@ -983,6 +1027,15 @@ def _names(tid: int, tgid: int) -> tuple[str, str]:
     except OSError:
         comm = "?"
     return comm, _exe(tgid)
+
+
+def _thread_state(tid: int) -> str:
+    """The state letter of /proc/<tid>/stat (R, S, D, t, Z, X...), or "X" if gone."""
+    try:
+        with open(f"/proc/{tid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return "X"
 
 
 def _current_cpu(tid: int) -> int:
