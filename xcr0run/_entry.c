@@ -50,7 +50,12 @@
 
 extern char **environ;
 
+/* The first two lines: Ctrl-C while Python starts kills xcr0run with SIGINT, as it would
+ * the program, rather than raising KeyboardInterrupt inside an import (__main__.py). */
 static const char BOOT[] =
+    "import _signal\n"
+    "if _signal.getsignal(2) is _signal.default_int_handler:\n"
+    "    _signal.signal(2, _signal.SIG_DFL)\n"
     "import sys\n"
     "if not getattr(sys.flags, 'safe_path', False):\n"
     "    del sys.path[0]\n"
