@@ -158,11 +158,27 @@ def become_program(request: RunRequest) -> NoReturn:
         guard_cpuid=plan.trap_cpuid,
         stop_at_exit=audit is not None or report_fd >= 0,
     )
+    if os.getpid() == 1:
+        # PID 1 of a namespace reaps every orphan, the helper included: it becomes the
+        # program's child. Said, not refused: most programs never wait for children they
+        # did not start, and a container's main use is to run the program at all.
+        _warn(
+            f"running as PID 1: the tracing helper will be the program's child, so a "
+            f"program that waits for all its children waits for {PROG} too (start "
+            f"{PROG} under an init, e.g. docker run --init)"
+        )
     tracer = ProgramTracer(request, audit, report_fd)
     keep = frozenset({report_fd} if report_fd >= 0 else ())
     launcher.exec_supervised(
         request.path, request.argv, plan, request.xcr0_prctl, request.env, guard, tracer, keep
     )
+
+
+def _warn(line: str) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.write(2, f"{PROG}: {line}\n".encode())
 
 
 class ProgramTracer:
@@ -280,7 +296,7 @@ class _Ticker:
         self.done = threading.Event()
         # The tracer sleeps in waitpid; this wakes it with a signal whose default action
         # is to ignore it, aimed at the main thread, whose handler then does the work.
-        self.wake = signal.SIGURG
+        self.wake = launcher.WAKE_SIGNAL  # which the helper did not set to SIG_IGN
         signal.signal(self.wake, lambda _s, _f: supervisor.on_wakeup())
 
     def start(self) -> None:
