@@ -43,16 +43,15 @@ else:
 def which(name: str) -> str | None:
     """shutil.which(name) for a name without a slash, without importing shutil (its
     archive codecs cost start-up time): the first PATH entry (in order, each directory
-    once, an empty one meaning the current directory) holding an executable
-    non-directory called `name`."""
+    once, an empty one meaning the current directory, so an empty PATH is the current
+    directory alone, as for execvp and env) holding an executable non-directory
+    called `name`."""
     path = os.environ.get("PATH")
     if path is None:
         try:
-            path = os.confstr("CS_PATH")
+            path = os.confstr("CS_PATH") or os.defpath
         except (AttributeError, ValueError):
             path = os.defpath
-    if not path:
-        return None
     tried = set()
     for directory in path.split(os.pathsep):
         if directory in tried:
@@ -120,7 +119,7 @@ def isa_needs(path: str) -> list[IsaNeed]:
             continue
         if level:
             out.append(IsaNeed(current, level))
-        if interp:
+        if interp and "\0" not in interp:  # with a NUL: corrupt, the exec will decide
             todo.append(interp)
             libc = os.path.join(os.path.dirname(os.path.realpath(interp)), "libc.so.6")
             todo.append(libc)

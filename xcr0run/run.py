@@ -158,6 +158,11 @@ def become_program(request: RunRequest) -> NoReturn:
         guard_cpuid=plan.trap_cpuid,
         stop_at_exit=audit is not None or report_fd >= 0,
     )
+    if not os.path.isdir("/proc/self"):
+        raise Xcr0runError(
+            "/proc is not mounted, and the tracing helper needs it (mount -t proc proc "
+            "/proc; without the cpuid mechanism, --no-audit runs without a helper)"
+        )
     if os.getpid() == 1:
         # PID 1 of a namespace reaps every orphan, the helper included: it becomes the
         # program's child. Said, not refused: most programs never wait for children they
