@@ -421,3 +421,47 @@ def test_as_pid_1_the_helper_s_parentage_is_said_in_one_line() -> None:
     assert (result.returncode, result.stdout) == (0, "1\n")
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("xcr0run: running as PID 1:"), lines
+
+
+def test_a_report_without_the_audit_records_the_exit_status(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "r.json"
+    native = subprocess.run(["sh", "-c", "exit 3"], timeout=60).returncode
+    result = xcr0run(["-q", "-m", "host", "--report", str(path), "--", "sh", "-c", "exit 3"])
+    run = json.loads(path.read_text())["run"]
+    assert result.returncode == native == 3
+    assert (run["started"], run["exit_code"], run["signal"]) == (True, 3, None)
+
+
+def test_a_report_records_the_status_the_audit_put_in_place(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "r.json"
+    result = xcr0run(
+        ["-q", "-m", "host", "--expect-used", "avx512", "--report", str(path), "--", "true"]
+    )
+    assert result.returncode == 124
+    assert json.loads(path.read_text())["run"]["exit_code"] == 124
+
+
+def test_a_report_says_when_the_exec_failed(tmp_path) -> None:
+    import json
+
+    program = tmp_path / "badinterp"
+    program.write_text("#!/no/such/interpreter\n")
+    program.chmod(0o755)
+    path = tmp_path / "r.json"
+    native = subprocess.run(["/usr/bin/env", str(program)], capture_output=True, timeout=60)
+    result = xcr0run([*FOLLOW, "--report", str(path), "--", str(program)])
+    assert result.returncode == native.returncode == 127
+    run = json.loads(path.read_text())["run"]
+    assert (run["started"], run["exit_code"]) == (False, 127)
+
+
+def test_an_empty_report_path_is_an_error_before_the_program(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    result = xcr0run([*FOLLOW, "--report", "", "--", "touch", str(marker)])
+    assert result.returncode == 125
+    assert result.stderr == "xcr0run: cannot write report '': an empty file name\n"
+    assert not marker.exists()
