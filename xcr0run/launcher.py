@@ -435,7 +435,11 @@ def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozense
         os.close(to_it)
         return tracer(program, attached, stderr)
     except BaseException as err:  # the program must hear of it, not hang
-        attached(f"tracing helper failed: {err}")
+        if isinstance(err, OSError) and err.strerror:  # in words, not "[Errno N] ..."
+            where = f"{err.filename}: " if err.filename is not None else ""
+            attached(f"tracing helper failed: {where}{err.strerror}")
+        else:
+            attached(f"tracing helper failed: {err}")
         return 1
 
 
