@@ -252,3 +252,21 @@ def test_without_proc_what_is_missing_is_said() -> None:
     assert result.stdout == "plain=0\naudit=125\n", result.stderr
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "/proc is not mounted" in lines[0], lines
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+    reason="becomes nobody with setpriv (root does not meet RLIMIT_NPROC)",
+)
+def test_at_the_process_limit_the_helper_s_need_is_said() -> None:
+    # The system's Python: nobody may not enter the test's own interpreter's directory.
+    argv = ["/usr/bin/python3", "-m", "xcr0run", *_FOLLOW, "--", "true"]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run(
+        ["prlimit", "--nproc=1", *nobody, "env", f"PYTHONPATH={_ROOT}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert "too many processes" in _one_line(result)
