@@ -130,3 +130,143 @@ def test_the_banner_and_show_name_the_option_that_was_given() -> None:
     for args in (["--profile", "haswell", "--force"], ["--mask", "x87,sse"]):
         shown = xcr0run(["--show", *args], check=True).stdout
         assert f"With {' '.join(a for a in args if a != '--force')}\n" in shown
+
+
+# -- odd limits and inputs: one line and 125 where xcr0run fails, the program's own
+# result where it can run it, never a traceback or an internal error ------------------
+
+_HOST = ["-q", "-m", "host"]
+_FOLLOW = [*_HOST, "--audit"]
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _one_line(result: subprocess.CompletedProcess[str], status: int = 125) -> str:
+    assert result.returncode == status, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xcr0run: "), lines
+    assert "internal error" not in lines[0] and "Errno" not in lines[0], lines
+    return lines[0]
+
+
+def test_too_few_descriptors_for_the_helper_is_one_line() -> None:
+    import sys
+
+    for limit in (5, 6, 7):
+        argv = [sys.executable, "-m", "xcr0run", *_FOLLOW, "--", "true"]
+        result = subprocess.run(
+            ["bash", "-c", f'ulimit -n {limit}; exec "$@"', "-", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        _one_line(result)
+
+
+def test_an_empty_path_means_the_current_directory_as_for_env(tmp_path) -> None:
+    import sys
+
+    tool = tmp_path / "ltool"
+    tool.write_text("#!/bin/sh\necho local tool\n")
+    tool.chmod(0o755)
+    env = {"PATH": "", "PYTHONPATH": _ROOT}
+    native, under = (
+        subprocess.run(
+            [*prefix, "ltool"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60
+        )
+        for prefix in (["/usr/bin/env"], [sys.executable, "-m", "xcr0run", *_FOLLOW, "--"])
+    )
+    assert native.stdout == "local tool\n"
+    assert (under.returncode, under.stdout) == (native.returncode, native.stdout)
+
+
+def _elf_with_interp(interp: bytes) -> bytes:
+    """A 64-bit x86 ELF header and one PT_INTERP program header naming `interp`."""
+    import struct
+
+    phoff, interp_at = 64, 64 + 56
+    header = b"\x7fELF" + bytes([2, 1, 1]) + bytes(9)
+    header += struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, 0x401000, phoff, 0, 0, 64, 56, 1, 0, 0, 0)
+    phdr = struct.pack("<IIQQQQQQ", 3, 4, interp_at, 0, 0, len(interp), len(interp), 1)
+    return header + phdr + interp
+
+
+def test_a_loader_path_with_a_nul_byte_runs_as_directly(tmp_path) -> None:
+    import sys
+
+    program = tmp_path / "corrupt"
+    program.write_bytes(_elf_with_interp(b"/lib64/ld\0-linux.so.2\0"))
+    program.chmod(0o755)
+    native, under = (
+        subprocess.run([*prefix, str(program)], capture_output=True, text=True, timeout=60)
+        for prefix in (["/usr/bin/env"], [sys.executable, "-m", "xcr0run", *_HOST, "--"])
+    )
+    assert "internal error" not in under.stderr and "Traceback" not in under.stderr
+    assert under.returncode == native.returncode
+
+
+def test_an_endless_profile_is_one_line() -> None:
+    line = _one_line(xcr0run(["-q", "--profile", "/dev/zero", "--", "true"]))
+    assert "not a profile" in line
+
+
+def test_environment_entries_execve_cannot_pass_are_left_out() -> None:
+    """An entry without '=' or with an empty name, and a name's second value: the rule
+    README's 'Behaving like the program' states, not an internal error."""
+    import sys
+
+    raw = (
+        "import ctypes, sys\n"
+        "i = sys.argv.index('--'); env, argv = sys.argv[1:i], sys.argv[i + 1:]\n"
+        "arr = lambda xs: (ctypes.c_char_p * (len(xs) + 1))(*[x.encode() for x in xs], None)\n"
+        "ctypes.CDLL(None).execve(argv[0].encode(), arr(argv), arr(env))\n"
+    )
+    entries = ["=empty", "NOEQUALS", "A=1", "A=2", f"PYTHONPATH={_ROOT}"]
+    argv = [sys.executable, "-m", "xcr0run", *_FOLLOW, "--", "/usr/bin/env"]
+    result = subprocess.run(
+        [sys.executable, "-c", raw, *entries, "--", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout.splitlines() == ["A=1", f"PYTHONPATH={_ROOT}"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="unmounts /proc in a mount namespace: needs root")
+def test_without_proc_what_is_missing_is_said() -> None:
+    import sys
+
+    run = f"{sys.executable} -m xcr0run"
+    script = (
+        f"umount -l /proc; {run} -q -m host -- true; echo plain=$?; "
+        f"{run} -q -m host --audit -- true; echo audit=$?"
+    )
+    result = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=_ROOT),
+    )
+    assert result.stdout == "plain=0\naudit=125\n", result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "/proc is not mounted" in lines[0], lines
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not os.path.exists("/usr/bin/python3"),
+    reason="becomes nobody with setpriv (root does not meet RLIMIT_NPROC)",
+)
+def test_at_the_process_limit_the_helper_s_need_is_said() -> None:
+    # The system's Python: nobody may not enter the test's own interpreter's directory.
+    argv = ["/usr/bin/python3", "-m", "xcr0run", *_FOLLOW, "--", "true"]
+    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    result = subprocess.run(
+        ["prlimit", "--nproc=1", *nobody, "env", f"PYTHONPATH={_ROOT}", *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
+    assert "too many processes" in _one_line(result)

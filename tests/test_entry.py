@@ -287,3 +287,37 @@ def test_without_a_compiler_the_command_is_pip_s_console_script(tmp_path: Path) 
 )
 def test_the_record_is_read_for_its_own_process(value: str | None, expected: int | None) -> None:
     assert launcher.parse_entry_record(value, 4242) == expected
+
+
+@pytest.mark.parametrize("after", [0.0, 0.01, 0.03, 0.06, 0.1])
+def test_ctrl_c_during_the_interpreter_s_start_kills_with_sigint(entry: str, after: float) -> None:
+    """The entry holds SIGINT back while Python starts (site, the .pth files), and
+    xcr0run's first lines let it in at SIG_DFL: a death by SIGINT, as the program's."""
+    import time
+
+    proc = subprocess.Popen(
+        [entry, *MODES["helper"], "--", "sleep", "5"], stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGINT, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_the_program_gets_the_caller_s_blocked_mask(entry: str, blocked: bool) -> None:
+    """SIGINT, held back only during the interpreter's start, is not blocked in the
+    program unless the caller had it blocked."""
+
+    def block() -> None:
+        if blocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
+
+    status = ["grep", "SigBlk", "/proc/self/status"]
+    native, under = (
+        subprocess.run(prefix + status, capture_output=True, text=True, preexec_fn=block)
+        for prefix in ([], [entry, *MODES["helper"], "--"])
+    )
+    assert under.stdout == native.stdout
+    assert native.stdout.strip().endswith("2" if blocked else "0")

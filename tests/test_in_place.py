@@ -302,3 +302,166 @@ def test_if_the_helper_dies_nothing_it_traced_keeps_running() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_inherited_ignored_sigchld_reaches_the_program() -> None:
+    """With SIGCHLD ignored the kernel reaps our middle process itself; the helper must
+    start anyway, and the program see SIGCHLD ignored."""
+    status = "grep -E 'SigIgn|SigBlk|SigPnd|ShdPnd' /proc/self/status; echo rc=$?"
+    native, under = in_shell(f"trap '' CHLD; PROG sh -c \"{status}\"")
+    assert "rc=0" in native
+    assert under == native
+
+
+def test_a_blocked_sigchld_is_not_left_pending_by_our_own_child() -> None:
+    status = ["grep", "-E", "SigBlk|SigPnd|ShdPnd", "/proc/self/status"]
+
+    def blocked() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
+
+    native, under = (
+        subprocess.run(
+            prefix + status, capture_output=True, text=True, timeout=60, preexec_fn=blocked
+        )
+        for prefix in ([], UNDER)
+    )
+    assert "SigBlk:\t0000000000010000" in native.stdout
+    assert (under.returncode, under.stdout) == (native.returncode, native.stdout)
+
+
+# Sets PR_SET_CHILD_SUBREAPER (which survives execve) and execs its arguments.
+SUBREAPER = (
+    "import ctypes, os, sys; ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+# Forks a child, then waits until it has no children left, as an init-like program does.
+WAIT_ALL = (
+    "import ctypes, os\n"
+    "if os.fork() == 0: os._exit(0)\n"
+    "n = 0\n"
+    "try:\n"
+    "    while True: os.wait(); n += 1\n"
+    "except ChildProcessError: pass\n"
+    "v = ctypes.c_int(); ctypes.CDLL(None).prctl(37, ctypes.byref(v), 0, 0, 0)\n"
+    "print('reaped', n, 'subreaper', v.value)\n"
+)
+
+
+def test_under_a_child_subreaper_the_helper_is_not_the_program_s_child() -> None:
+    argv = [sys.executable, "-c", SUBREAPER]
+    program = [sys.executable, "-c", WAIT_ALL]
+    native, under = (
+        subprocess.run(argv + prefix + program, capture_output=True, text=True, timeout=30)
+        for prefix in ([], UNDER)
+    )
+    assert native.stdout == "reaped 1 subreaper 1\n"
+    assert (under.returncode, under.stdout) == (native.returncode, native.stdout)
+
+
+def _signal_set(pid: int, field: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return 0
+
+
+@pytest.mark.parametrize("after", [0.0, 0.01, 0.03, 0.1])
+def test_ctrl_c_while_starting_kills_with_sigint_and_no_traceback(after: float) -> None:
+    """From xcr0run's first line on (before that, it is the interpreter's own start),
+    Ctrl-C kills it with SIGINT as it would the program: no KeyboardInterrupt."""
+    proc = subprocess.Popen([*UNDER, "sleep", "5"], stderr=subprocess.PIPE, text=True)
+    # Python has started (it ignores SIGPIPE) and xcr0run's first line has taken its
+    # SIGINT handler away again.
+    wait_for(
+        lambda: (
+            _signal_set(proc.pid, "SigIgn") & 1 << (signal.SIGPIPE - 1)
+            and not _signal_set(proc.pid, "SigCgt") & 1 << (signal.SIGINT - 1)
+        ),
+        timeout=30,
+    )
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGINT, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_signals_meant_for_the_program_do_not_kill_the_helper() -> None:
+    """pkill -f (the helper's command line is a copy of xcr0run's), pkill python, or a
+    SIGTERM to the whole cgroup reach the helper too: the program must get and handle its
+    own. The helper has a name of its own and keeps no directory busy."""
+    script = "trap 'echo graceful; exit 0' TERM; echo ready; while :; do sleep 0.05; done"
+    proc = subprocess.Popen([*UNDER, "sh", "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+        helper: int = wait_for(lambda: tracer_of(proc.pid))  # type: ignore[assignment]
+        assert comm(helper) == "xcr0run-helper"
+        assert os.readlink(f"/proc/{helper}/cwd") == "/"
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1):
+            os.kill(helper, sig)
+        time.sleep(0.2)
+        assert tracer_of(proc.pid) == helper
+        os.kill(proc.pid, signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert (proc.returncode, out) == (0, "graceful\n")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a PID namespace of its own needs root")
+def test_as_pid_1_the_helper_s_parentage_is_said_in_one_line() -> None:
+    """PID 1 adopts every orphan, the helper too: that cannot be avoided, so it is said."""
+    argv = ["unshare", "-pf", "--mount-proc", *UNDER, "sh", "-c", "echo $$"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (0, "1\n")
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("xcr0run: running as PID 1:"), lines
+
+
+def test_a_report_without_the_audit_records_the_exit_status(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "r.json"
+    native = subprocess.run(["sh", "-c", "exit 3"], timeout=60).returncode
+    result = xcr0run(["-q", "-m", "host", "--report", str(path), "--", "sh", "-c", "exit 3"])
+    run = json.loads(path.read_text())["run"]
+    assert result.returncode == native == 3
+    assert (run["started"], run["exit_code"], run["signal"]) == (True, 3, None)
+
+
+def test_a_report_records_the_status_the_audit_put_in_place(tmp_path) -> None:
+    import json
+
+    path = tmp_path / "r.json"
+    result = xcr0run(
+        ["-q", "-m", "host", "--expect-used", "avx512", "--report", str(path), "--", "true"]
+    )
+    assert result.returncode == 124
+    assert json.loads(path.read_text())["run"]["exit_code"] == 124
+
+
+def test_a_report_says_when_the_exec_failed(tmp_path) -> None:
+    import json
+
+    program = tmp_path / "badinterp"
+    program.write_text("#!/no/such/interpreter\n")
+    program.chmod(0o755)
+    path = tmp_path / "r.json"
+    native = subprocess.run(["/usr/bin/env", str(program)], capture_output=True, timeout=60)
+    result = xcr0run([*FOLLOW, "--report", str(path), "--", str(program)])
+    assert result.returncode == native.returncode == 127
+    run = json.loads(path.read_text())["run"]
+    assert (run["started"], run["exit_code"]) == (False, 127)
+
+
+def test_an_empty_report_path_is_an_error_before_the_program(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    result = xcr0run([*FOLLOW, "--report", "", "--", "touch", str(marker)])
+    assert result.returncode == 125
+    assert result.stderr == "xcr0run: cannot write report '': an empty file name\n"
+    assert not marker.exists()

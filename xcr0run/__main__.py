@@ -7,12 +7,25 @@ alone costs more than a launcher's whole start-up budget (docs/BENCHMARKS.md).
 
 from __future__ import annotations
 
-import os
-import sys
-
-from xcr0run import commands, runargs
-
+# First, before any slow import: Ctrl-C while xcr0run starts must kill it with SIGINT,
+# as it would kill the program (a shell loop stops only on a death by SIGINT), not raise
+# KeyboardInterrupt in the middle of an import. Python installs its handler only over
+# SIG_DFL, so an inherited SIG_IGN stays as it was. _signal, not signal: no enum import
+# (mypy reads signal's description of the same functions).
 TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import signal as _signal
+else:
+    import _signal
+
+if _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    _signal.signal(_signal.SIGINT, _signal.SIG_DFL)
+
+import os  # noqa: E402 - after the SIGINT reset above, on purpose
+import sys  # noqa: E402
+
+from xcr0run import commands, runargs  # noqa: E402
+
 if TYPE_CHECKING:
     from collections.abc import Sequence
     from typing import NoReturn

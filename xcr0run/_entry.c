@@ -11,9 +11,15 @@
  *
  * xcr0run/launcher.py trusts the record only in the process it was made for (the pid:
  * exec keeps it), gives the program exactly those dispositions, and leaves the record
- * out of the program's environment. Nothing else is changed here: no signal state, no
- * descriptor, no other variable. A variable of that name that was already there is
- * replaced.
+ * out of the program's environment. Nothing else is changed here but SIGINT's place in
+ * the blocked mask, for the interpreter's start only: no disposition, no descriptor, no
+ * other variable. A variable of that name that was already there is replaced.
+ *
+ * SIGINT is blocked across the exec (if it was neither blocked nor ignored) and the
+ * code below unblocks it first thing, once it has put SIG_DFL in place of Python's
+ * handler: Ctrl-C during the interpreter's start (site and the .pth files' imports,
+ * tens of milliseconds) then kills xcr0run with SIGINT, as it would kill the program,
+ * instead of a KeyboardInterrupt traceback and exit 1 from inside Python's start.
  *
  * The interpreter: XCR0RUN_PYTHON (python3.X, the version the package was built for,
  * which its wheel's tag guarantees) or python3, first beside this program's own file
@@ -50,18 +56,37 @@
 
 extern char **environ;
 
-static const char BOOT[] =
-    "import sys\n"
-    "if not getattr(sys.flags, 'safe_path', False):\n"
-    "    del sys.path[0]\n"
-    "del sys.argv[0]\n"
-    "try:\n"
-    "    from xcr0run.__main__ import main\n"
-    "except ImportError as err:\n"
-    "    if sys.stderr:\n"
-    "        sys.stderr.write(f'xcr0run: {sys.executable} cannot import xcr0run: {err}\\n')\n"
-    "    raise SystemExit(125)\n"
-    "main()\n";
+/* The first lines: Ctrl-C while Python starts kills xcr0run with SIGINT, as it would
+ * the program, rather than raising KeyboardInterrupt inside an import (__main__.py);
+ * BOOT_UNBLOCK then lets in a SIGINT that the interpreter's start held back (above). */
+#define BOOT_SIGINT                                                                        \
+    "import _signal\n"                                                                     \
+    "if _signal.getsignal(2) is _signal.default_int_handler:\n"                            \
+    "    _signal.signal(2, _signal.SIG_DFL)\n"
+#define BOOT_REST                                                                          \
+    "import sys\n"                                                                         \
+    "if not getattr(sys.flags, 'safe_path', False):\n"                                     \
+    "    del sys.path[0]\n"                                                                \
+    "del sys.argv[0]\n"                                                                    \
+    "try:\n"                                                                               \
+    "    from xcr0run.__main__ import main\n"                                              \
+    "except ImportError as err:\n"                                                         \
+    "    if sys.stderr:\n"                                                                 \
+    "        sys.stderr.write(f'xcr0run: {sys.executable} cannot import xcr0run: {err}\\n')\n"\
+    "    raise SystemExit(125)\n"                                                          \
+    "main()\n"
+
+static const char BOOT[] = BOOT_SIGINT BOOT_REST;
+static const char BOOT_UNBLOCK[] =
+    BOOT_SIGINT "_signal.pthread_sigmask(_signal.SIG_UNBLOCK, [2])\n" BOOT_REST;
+
+static sigset_t caller_mask; /* restored where no interpreter runs after all */
+
+static int give_up(int status)
+{
+    sigprocmask(SIG_SETMASK, &caller_mask, NULL); /* a held-back Ctrl-C ends us here */
+    return status;
+}
 
 static uint64_t ignored_signals(void)
 {
@@ -141,6 +166,14 @@ int main(int argc, char **argv)
     }
     c.argv[1] = "-c";
     c.argv[2] = (char *)BOOT;
+    sigprocmask(SIG_BLOCK, NULL, &caller_mask);
+    if (!sigismember(&caller_mask, SIGINT) && !(ignored_signals() & (UINT64_C(1) << (SIGINT - 1)))) {
+        sigset_t sigint;
+        sigemptyset(&sigint);
+        sigaddset(&sigint, SIGINT);
+        sigprocmask(SIG_BLOCK, &sigint, NULL);
+        c.argv[2] = (char *)BOOT_UNBLOCK;
+    }
     c.argv[3] = slash ? self : (argc > 0 && argv[0] ? argv[0] : "xcr0run");
     for (int i = 1; i < argc; i++)
         c.argv[3 + i] = argv[i];
@@ -148,19 +181,19 @@ int main(int argc, char **argv)
     int status;
     for (size_t i = 0; slash && i < n_names; i++)
         if ((status = try_exec(&c, self, (size_t)(slash - self), names[i])))
-            return status;
+            return give_up(status);
     const char *path = getenv("PATH");
     for (size_t i = 0; i < n_names; i++) {
         for (const char *dir = path ? path : DEFAULT_PATH; *dir;) {
             size_t len = strcspn(dir, ":");
             /* Absolute directories only: never an interpreter from the current one. */
             if (dir[0] == '/' && (status = try_exec(&c, dir, len, names[i])))
-                return status;
+                return give_up(status);
             dir += len + (dir[len] == ':');
         }
     }
     fprintf(stderr, "xcr0run: no Python interpreter found: no %s%s %s%s%sin PATH\n",
             names[0], n_names > 1 ? " or python3" : "", slash ? "beside " : "",
             slash ? self : "", slash ? " or " : "");
-    return FAILURE;
+    return give_up(FAILURE);
 }

@@ -85,6 +85,9 @@ WALL = 0x40000000
 SI_KERNEL = 0x80
 
 # <linux/prctl.h>, <linux/seccomp.h> (the filter itself: seccomp.py)
+PR_SET_NAME = 15
+PR_SET_CHILD_SUBREAPER = 36
+PR_GET_CHILD_SUBREAPER = 37
 PR_SET_NO_NEW_PRIVS = 38
 PR_SET_PTRACER = 0x59616D61  # Yama: who may attach to this process
 SECCOMP_SET_MODE_FILTER = 1
@@ -337,6 +340,30 @@ def set_ptracer(pid: int) -> bool:
         return False
     _check(result, "prctl(PR_SET_PTRACER)")
     return True
+
+
+def set_name(name: bytes) -> None:
+    """This thread's comm (what ps, top and pkill without -f see), cut at 15 bytes."""
+    buf = ctypes.create_string_buffer(name[:15])
+    _check(_libc.syscall(SYS_prctl, PR_SET_NAME, buf, 0, 0, 0), "prctl(PR_SET_NAME)")
+
+
+def child_subreaper() -> bool:
+    """Whether orphaned descendants are reparented to this process (the attribute
+    survives execve, so a parent may have left it set)."""
+    value = ctypes.c_int(0)
+    _check(
+        _libc.syscall(SYS_prctl, PR_GET_CHILD_SUBREAPER, ctypes.byref(value), 0, 0, 0),
+        "prctl(PR_GET_CHILD_SUBREAPER)",
+    )
+    return bool(value.value)
+
+
+def set_child_subreaper(on: bool) -> None:
+    _check(
+        _libc.syscall(SYS_prctl, PR_SET_CHILD_SUBREAPER, ctypes.c_ulong(int(on)), 0, 0, 0),
+        "prctl(PR_SET_CHILD_SUBREAPER)",
+    )
 
 
 # -- ptrace -----------------------------------------------------------------------------------

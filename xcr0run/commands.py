@@ -306,12 +306,20 @@ def finish(action: Callable[[], int | None]) -> NoReturn:
     except Xcr0runError as err:
         fail(str(err), err.status)
     except OSError as err:
-        fail(str(err), ExitStatus.FAILURE)
+        fail(os_error_text(err), ExitStatus.FAILURE)
     except Exception as err:  # a bug of ours: one line, not a traceback, unless debugging
         if os.environ.get("XCR0RUN_DEBUG"):
             raise
         fail(f"internal error: {err!r} (set XCR0RUN_DEBUG=1 for details)", ExitStatus.FAILURE)
     exit_now(result or 0)
+
+
+def os_error_text(err: OSError) -> str:
+    """An OSError in words, as coreutils says them ("/proc/self/fd: Too many open
+    files"), not Python's "[Errno 24] ..."."""
+    if err.strerror is None:
+        return str(err)
+    return f"{err.filename}: {err.strerror}" if err.filename is not None else err.strerror
 
 
 def interrupted() -> NoReturn:

@@ -167,7 +167,13 @@ def probe_xcr0_prctl(code: int, current: int) -> Xcr0Prctl:
         name = _MAINLINE_CODES[code]
         return Xcr0Prctl(code, False, f"no ARCH_SET_XCR0: code {code:#x} is {name} on Linux")
     value = current & xcr0_prctl_limit(code)
-    if procfs.address_mapped(value):
+    try:
+        mapped = procfs.address_mapped(value)
+    except OSError:
+        return Xcr0Prctl(
+            code, False, "not probed: /proc/self/maps is unreadable (is /proc mounted?)"
+        )
+    if mapped:
         return Xcr0Prctl(code, False, f"not probed: {value:#x} is a mapped address here")
     if value == current and code in (_native.ARCH_SET_XCR0, _native.ARCH_SET_XCR0_RFC_CODE):
         result = _native.arch_prctl_raw(code, value)

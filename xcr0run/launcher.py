@@ -43,16 +43,15 @@ else:
 def which(name: str) -> str | None:
     """shutil.which(name) for a name without a slash, without importing shutil (its
     archive codecs cost start-up time): the first PATH entry (in order, each directory
-    once, an empty one meaning the current directory) holding an executable
-    non-directory called `name`."""
+    once, an empty one meaning the current directory, so an empty PATH is the current
+    directory alone, as for execvp and env) holding an executable non-directory
+    called `name`."""
     path = os.environ.get("PATH")
     if path is None:
         try:
-            path = os.confstr("CS_PATH")
+            path = os.confstr("CS_PATH") or os.defpath
         except (AttributeError, ValueError):
             path = os.defpath
-    if not path:
-        return None
     tried = set()
     for directory in path.split(os.pathsep):
         if directory in tried:
@@ -120,7 +119,7 @@ def isa_needs(path: str) -> list[IsaNeed]:
             continue
         if level:
             out.append(IsaNeed(current, level))
-        if interp:
+        if interp and "\0" not in interp:  # with a NUL: corrupt, the exec will decide
             todo.append(interp)
             libc = os.path.join(os.path.dirname(os.path.realpath(interp)), "libc.so.6")
             todo.append(libc)
@@ -311,23 +310,35 @@ def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
     program = os.getpid()
     to_us_r, to_us_w = (above_stdio(fd) for fd in os.pipe2(os.O_CLOEXEC))
     to_it_r, to_it_w = (above_stdio(fd) for fd in os.pipe2(os.O_CLOEXEC))
-    middle = os.fork()
-    if middle == 0:  # pragma: no cover - runs in the child
+    with _OwnChildren():
         try:
+            middle = os.fork()
+        except OSError as err:
+            raise UnsupportedError(_fork_failure(err)) from err
+        if middle == 0:  # pragma: no cover - runs in the child
+            try:
+                os.close(to_us_r)
+                os.close(to_it_w)
+                os.setsid()  # out of the terminal's reach: no Ctrl-C, Ctrl-Z or SIGHUP
+                if os.fork() == 0:
+                    os._exit(_helper(program, tracer, to_us_w, to_it_r, keep_fds))
+            except OSError as err:
+                os.write(to_us_w, f"error:{_fork_failure(err)}\n".encode())
+            finally:
+                os._exit(0)
+        os.close(to_us_w)
+        os.close(to_it_r)
+        try:
+            os.waitpid(middle, 0)
+        except BaseException:
             os.close(to_us_r)
             os.close(to_it_w)
-            os.setsid()  # out of the terminal's reach: no Ctrl-C, Ctrl-Z or SIGHUP
-            if os.fork() == 0:
-                os._exit(_helper(program, tracer, to_us_w, to_it_r, keep_fds))
-        finally:
-            os._exit(0)
-    os.close(to_us_w)
-    os.close(to_it_r)
+            raise
     try:
-        os.waitpid(middle, 0)
-        helper = int(_read_line(to_us_r) or "0")
-        if not helper:
-            raise UnsupportedError("could not start the tracing helper")
+        first = _read_line(to_us_r)
+        if not first.isdigit():  # the helper failed before it could say who it is
+            raise UnsupportedError(first.partition(":")[2] or "could not start the tracing helper")
+        helper = int(first)
         # Where Yama allows only ancestors to attach, allow the helper explicitly.
         allowed = _native.set_ptracer(helper)
         os.write(to_it_w, b"go\n")
@@ -340,6 +351,45 @@ def start_tracer(tracer: Tracer, keep_fds: frozenset[int] = frozenset()) -> int:
     if answer != "ok":
         raise UnsupportedError(answer.partition(":")[2] or "the tracing helper failed")
     return helper
+
+
+def _fork_failure(err: OSError) -> str:
+    if err.errno == errno.EAGAIN:
+        return (
+            "cannot start the tracing helper: too many processes (the user's limit, "
+            "ulimit -u, or the cgroup's pids.max); the helper needs one more"
+        )
+    return f"cannot start the tracing helper: {err.strerror}"
+
+
+class _OwnChildren:
+    """Around the double fork and its wait, what makes them work whatever this process
+    inherited, undone before the program runs so it gets exactly that:
+
+    - SIGCHLD at SIG_DFL: with SIG_IGN the kernel reaps the middle process itself
+      (waitpid fails with ECHILD), and the helper, inheriting it, would not hear of
+      the program's exit. If SIGCHLD is blocked, the middle process's exit leaves one
+      pending that the program would not have had: it is taken back.
+    - No child subreaper: else the helper, orphaned by the middle process, becomes
+      this process's child, hence the program's (which may wait for all its
+      children). The attribute survives execve, so a parent may have set it.
+    """
+
+    def __enter__(self) -> None:
+        self.chld = signal.getsignal(signal.SIGCHLD)
+        self.pending = signal.SIGCHLD in signal.sigpending()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.subreaper = _native.child_subreaper()
+        if self.subreaper:
+            _native.set_child_subreaper(False)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.subreaper:
+            _native.set_child_subreaper(True)
+        if not self.pending and signal.SIGCHLD in signal.sigpending():
+            signal.sigtimedwait([signal.SIGCHLD], 0)
+        if self.chld is not None:  # None: set outside Python, cannot be put back
+            signal.signal(signal.SIGCHLD, self.chld)
 
 
 def above_stdio(fd: int) -> int:
@@ -378,14 +428,42 @@ def _helper(program: int, tracer: Tracer, to_us: int, to_it: int, keep: frozense
 
     try:
         stderr = _detach_stdio(keep | {to_us, to_it})
+        _settle_helper()
         os.write(to_us, f"{os.getpid()}\n".encode())
         if _read_line(to_it) != "go":
             return 1
         os.close(to_it)
         return tracer(program, attached, stderr)
     except BaseException as err:  # the program must hear of it, not hang
-        attached(f"tracing helper failed: {err}")
+        if isinstance(err, OSError) and err.strerror:  # in words, not "[Errno N] ..."
+            where = f"{err.filename}: " if err.filename is not None else ""
+            attached(f"tracing helper failed: {where}{err.strerror}")
+        else:
+            attached(f"tracing helper failed: {err}")
         return 1
+
+
+# The signal the helper's audit ticker wakes its main thread with (run._Ticker); SIGURG's
+# default action is to ignore it, so a stray one does no harm before the handler is set.
+WAKE_SIGNAL = signal.SIGURG
+
+# What the helper keeps: SIGCHLD at SIG_DFL, or the kernel would detach an exiting
+# tracee without a word to its tracer (and its waits), and the ticker's signal.
+_HELPER_SIGNALS = {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD, WAKE_SIGNAL}
+
+
+def _settle_helper() -> None:
+    """Keep the helper out of the way of what is meant for the program: it ignores every
+    signal it does not use (a `pkill -f` that matches its copy of the command line,
+    `pkill python`, systemd's SIGTERM to the whole cgroup would otherwise kill it, and
+    PTRACE_O_EXITKILL would then SIGKILL the program before it could handle its own),
+    lets go of the launch directory (an unmount must not find it busy), and is named
+    so that ps and pkill tell it from the program."""
+    for sig in signal.valid_signals():
+        if sig not in _HELPER_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+    os.chdir("/")
+    _native.set_name(b"xcr0run-helper")
 
 
 def _detach_stdio(keep: frozenset[int]) -> int:

@@ -96,11 +96,14 @@ def original_environment() -> dict[bytes, bytes]:
         with open("/proc/self/environ", "rb") as f:
             block = f.read()
     except OSError:  # /proc not mounted: the nearest we know
-        return {k.encode(): v.encode() for k, v in os.environ.items()}
+        return {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items() if k}
     env: dict[bytes, bytes] = {}
     for item in block.split(b"\0"):
+        # What execve with a mapping can pass (README, Behaving like the program): an
+        # entry without "=" or with an empty name is left out, and of a name given
+        # twice the first value is kept, the one getenv finds.
         name, sep, value = item.partition(b"=")
-        if sep:
+        if sep and name:
             env.setdefault(name, value)
     return env
 

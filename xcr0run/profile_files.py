@@ -40,13 +40,23 @@ def load_profile(name: str) -> CpuidProfile:
         path = shipped
     try:
         with open(path) as f:
-            text = f.read()
-    except OSError as err:
+            # Bounded: a profile is a few KiB, and /dev/zero or a huge file is not one.
+            text = f.read(_PROFILE_LIMIT + 1)
+    except (OSError, UnicodeDecodeError) as err:
+        if isinstance(err, UnicodeDecodeError):
+            raise Xcr0runError(f"cannot read profile {name}: not a text file") from err
         known = ", ".join(reference_profiles())
         raise Xcr0runError(
             f"cannot read profile {name}: {err.strerror} (built in: {known})"
         ) from err
+    if len(text) > _PROFILE_LIMIT:
+        raise Xcr0runError(
+            f"cannot read profile {name}: longer than {_PROFILE_LIMIT >> 20} MiB, not a profile"
+        )
     return profiles.parse(text, shown)
+
+
+_PROFILE_LIMIT = 4 << 20
 
 
 def dump_cpuid() -> dict[str, Any]:

@@ -90,6 +90,8 @@ class RunRequest:
 
 def open_report(path: str) -> int:
     """Open --report's file now, so a bad path is an error before the program runs."""
+    if not path:
+        raise Xcr0runError("cannot write report '': an empty file name")
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         return launcher.above_stdio(fd)
@@ -99,8 +101,7 @@ def open_report(path: str) -> int:
 
 class RunResult:
     """What a run came to, as --report tells it: the plan as shown, how the program
-    ended (None for a program exec'd without a helper: nothing of ours sees its end)
-    and what the audit saw."""
+    ended (with the exit status its caller sees) and what the audit saw."""
 
     def __init__(
         self, described: dict[str, Any], outcome: Outcome | None, audit: AuditLog | None
@@ -116,6 +117,7 @@ class RunResult:
         outcome = self.outcome
         if outcome is not None:
             data["run"] = {
+                "started": bool(outcome.execs),  # False: its exec failed (126, 127)
                 "pid": outcome.pid,
                 "exit_code": outcome.exit_code,
                 "signal": outcome.signal,
@@ -145,10 +147,10 @@ def become_program(request: RunRequest) -> NoReturn:
         from xcr0run.audit import AuditLog
 
         audit = AuditLog(plan.view.host_xcr0 & ~plan.mask)
-    report_fd = open_report(request.report) if request.report else -1
-    if not plan.supervised and audit is None:
-        if report_fd >= 0:
-            write_report(report_fd, RunResult(request.described, None, None))
+    report_fd = open_report(request.report) if request.report is not None else -1
+    # --report alone also starts the helper: only a process beside the program hears how
+    # it ended, and the report promises the exit status.
+    if not plan.supervised and audit is None and report_fd < 0:
         launcher.exec_direct(request.path, request.argv, plan, request.xcr0_prctl, request.env)
     guard = FilterSpec(
         deny_amx=plan.deny_amx,
@@ -158,11 +160,32 @@ def become_program(request: RunRequest) -> NoReturn:
         guard_cpuid=plan.trap_cpuid,
         stop_at_exit=audit is not None or report_fd >= 0,
     )
+    if not os.path.isdir("/proc/self"):
+        raise Xcr0runError(
+            "/proc is not mounted, and the tracing helper needs it (mount -t proc proc "
+            "/proc; without the cpuid mechanism, --no-audit runs without a helper)"
+        )
+    if os.getpid() == 1:
+        # PID 1 of a namespace reaps every orphan, the helper included: it becomes the
+        # program's child. Said, not refused: most programs never wait for children they
+        # did not start, and a container's main use is to run the program at all.
+        _warn(
+            f"running as PID 1: the tracing helper will be the program's child, so a "
+            f"program that waits for all its children waits for {PROG} too (start "
+            f"{PROG} under an init, e.g. docker run --init)"
+        )
     tracer = ProgramTracer(request, audit, report_fd)
     keep = frozenset({report_fd} if report_fd >= 0 else ())
     launcher.exec_supervised(
         request.path, request.argv, plan, request.xcr0_prctl, request.env, guard, tracer, keep
     )
+
+
+def _warn(line: str) -> None:
+    import contextlib
+
+    with contextlib.suppress(OSError):
+        os.write(2, f"{PROG}: {line}\n".encode())
 
 
 class ProgramTracer:
@@ -242,7 +265,10 @@ class ProgramTracer:
         report, and the status the audit asks for. Then let go of stderr and the report,
         which the program's caller may be waiting on."""
         if not outcome.execs:
-            return None  # it never became the program: the exec failure was reported
+            # It never became the program: xcr0run reported the exec failure on stderr;
+            # the report says the program did not start, and the status it ended with.
+            self._report(outcome, code, None)
+            return None
         checks, audit = self.request.checks, self.audit
         for warning in outcome.warnings:
             self.say(warning)
@@ -255,15 +281,21 @@ class ProgramTracer:
             if missing:
                 self.say(f"audit: no use of {', '.join(missing)} was seen")
             failed = bool(missing) or (checks.strict and bool(audit.violations()))
-        if self.report_fd >= 0:
-            if code is not None and outcome.exit_code is None:
-                outcome.exit_code = code
-            write_report(self.report_fd, RunResult(self.request.described, outcome, audit))
-            self.report_fd = -1
+        status = exit_status(code, failed)
+        # The report's exit code is the one the shell sees: 124 where the audit put it.
+        self._report(outcome, code if status is None else status, audit)
         if self.stderr >= 0:
             os.close(self.stderr)
             self.stderr = -1
-        return exit_status(code, failed)
+        return status
+
+    def _report(self, outcome: Outcome, code: int | None, audit: AuditLog | None) -> None:
+        if self.report_fd < 0:
+            return
+        if code is not None:
+            outcome.exit_code = code
+        write_report(self.report_fd, RunResult(self.request.described, outcome, audit))
+        self.report_fd = -1
 
 
 class _Ticker:
@@ -280,7 +312,7 @@ class _Ticker:
         self.done = threading.Event()
         # The tracer sleeps in waitpid; this wakes it with a signal whose default action
         # is to ignore it, aimed at the main thread, whose handler then does the work.
-        self.wake = signal.SIGURG
+        self.wake = launcher.WAKE_SIGNAL  # which the helper did not set to SIG_IGN
         signal.signal(self.wake, lambda _s, _f: supervisor.on_wakeup())
 
     def start(self) -> None:
