@@ -5,10 +5,17 @@ It runs in a detached helper process beside the program (launcher.py), so the pr
 keeps its pid, parent, process group and exit status; every stop of every thread comes
 here first (waitpid on tracees that are not our children).
 
-- After each exec the kernel has reset CPUID faulting: the tracer lets execve finish (at
-  the exec event itself the tracee is still inside execve and an injected call silently
-  does nothing), runs one `syscall` placed at the entry point, and puts bytes and
-  registers back. Threads and fork/vfork children inherit faulting.
+Two stop loops, one set of handlers: where the compiled core loads (_core.py), it waits
+for stops and answers traps, follows forks and re-arms after exec in C, and hands the
+rest up here; elsewhere the Python loop does it all. Answers are decided by the
+CpuidResponder (responder.py), signal state by the SignalPolicy (sigstate.py), which
+also says per thread whether the core may answer alone.
+
+- After each exec the kernel has reset CPUID faulting. The Python loop lets execve
+  finish (at the exec event itself the tracee is still inside execve and an injected
+  call silently does nothing), runs one `syscall` placed at the entry point, and puts
+  bytes and registers back; the core does it in one stop fewer (DESIGN.md). Threads and
+  fork/vfork children inherit faulting.
 - A trapped CPUID is a forced SIGSEGV; the kernel may have reset the program's SIGSEGV
   disposition and mask on the way (sigstate.py), which is put back.
 - The seccomp filter (seccomp.py) stops the calls through which the program could see or
