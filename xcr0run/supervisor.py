@@ -14,7 +14,7 @@ also says per thread whether the core may answer alone.
 - After each exec the kernel has reset CPUID faulting. The Python loop lets execve
   finish (at the exec event itself the tracee is still inside execve and an injected
   call silently does nothing), runs one `syscall` placed at the entry point, and puts
-  bytes and registers back; the core does it in one stop fewer (DESIGN.md). Threads and
+  bytes and registers back; the core needs two stops instead of four (DESIGN.md). Threads and
   fork/vfork children inherit faulting.
 - A trapped CPUID is a forced SIGSEGV; the kernel may have reset the program's SIGSEGV
   disposition and mask on the way (sigstate.py), which is put back.
