@@ -31,7 +31,7 @@ def test_faulting_tests_pass_in_a_guest_with_cpuid_faulting() -> None:
             f"no guest to run the CPUID-faulting tests in: {reason} "
             "(tests/guest/setup.sh installs what it needs)"
         )
-    result, tail = run_marked_in_guest("faulting", "tests", LOG, timeout=3600)
+    result, tail = run_marked_in_guest("faulting", "tests", LOG, timeout=2700)
     assert result.returncode == 0, tail
     summary = re.search(r"(\d+) passed", result.stdout)
     assert summary and int(summary.group(1)) >= 20, tail

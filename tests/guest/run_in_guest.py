@@ -739,7 +739,10 @@ def run_in_guest(
             )
             console = "\n=== next boot ===\n".join(consoles)
             if outcome == "timeout":
-                raise GuestTimeout(f"guest run exceeded {timeout:g}s", console)
+                done = _read(job / "stdout")[-300:].strip()
+                raise GuestTimeout(
+                    f"guest run exceeded {timeout:g}s; its output so far ends: {done!r}", console
+                )
             if outcome == "lockup":
                 # The command ran part-way: not rebooted here (the time is spent); the
                 # caller may run it again from the start.
