@@ -317,15 +317,24 @@ static void tracee_delete(struct xc_core *core, pid_t tid)
     }
 }
 
+/* A growable array doubled (64 entries at first): the new block, with *cap updated, or
+ * NULL with the old one left as it was. */
+static void *grow(void *items, size_t *cap, size_t size)
+{
+    size_t more = *cap ? *cap * 2 : 64;
+    void *grown = realloc(items, more * size);
+    if (grown)
+        *cap = more;
+    return grown;
+}
+
 static int push_event(struct xc_core *core, struct xc_event ev)
 {
     if (core->event_len == core->event_cap) {
-        size_t cap = core->event_cap ? core->event_cap * 2 : 64;
-        struct xc_event *grown = realloc(core->events, cap * sizeof *grown);
+        struct xc_event *grown = grow(core->events, &core->event_cap, sizeof *grown);
         if (!grown)
             return -1;
         core->events = grown;
-        core->event_cap = cap;
     }
     core->events[core->event_len++] = ev;
     return 0;
@@ -339,12 +348,10 @@ static int queue_push(struct xc_core *core, pid_t tid, int status)
                     core->queue_len * sizeof *core->queue);
             core->queue_head = 0;
         } else {
-            size_t cap = core->queue_cap ? core->queue_cap * 2 : 64;
-            struct pending *grown = realloc(core->queue, cap * sizeof *grown);
+            struct pending *grown = grow(core->queue, &core->queue_cap, sizeof *grown);
             if (!grown)
                 return -1;
             core->queue = grown;
-            core->queue_cap = cap;
         }
     }
     core->queue[core->queue_head + core->queue_len++] = (struct pending){tid, status};
