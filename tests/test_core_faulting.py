@@ -149,4 +149,8 @@ def test_xcr0run_answers_alike_with_either_loop(cbuild, view_prog, tmp_path, pro
     keys = ("exit_code", "signal", "processes", "threads", "execs", "cpuid_leaves")
     assert {k: core[2][k] for k in keys} == {k: python[2][k] for k in keys}
     assert core[2]["cpuid_traps"] > 0
-    assert "no usable compiled core" not in core[3]
+    # The first run really was the core's: the library the session built loads (a
+    # missing one would make both runs the Python loop's and this test pass unseen).
+    from xcr0run import _core
+
+    assert _core.status()[0], _core.status()[1]
