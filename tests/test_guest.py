@@ -46,7 +46,7 @@ def test_faulting_tests_pass_in_a_guest_with_cpuid_faulting(name: str) -> None:
             "(tests/guest/setup.sh installs what it needs)"
         )
     log = ROOT / "tests" / "guest" / f"last-run-{Path(name).stem}.log"
-    result, tail = run_marked_in_guest("faulting", f"tests/{name}", log, timeout=1800)
+    result, tail = run_marked_in_guest("faulting", f"tests/{name}", log, timeout=3600)
     assert result.returncode == 0, tail
     summary = re.search(r"(\d+) passed|(\d+) skipped", result.stdout)
     assert summary, tail

@@ -210,6 +210,9 @@ ip link set lo up
 [ -n "$XCR0RUN_HOSTNAME" ] && hostname "$XCR0RUN_HOSTNAME"
 echo "xcr0run: L2 up $(up)s"
 : >/job/started
+# The host watches this file's age: a guest whose kernel stops running (nested KVM under
+# TCG wedges now and then, without a word) is told from a slow or hung command.
+(while :; do up >/job/heartbeat; sleep 10; done) &
 chroot /newroot /usr/bin/env -i /bin/sh /run/xcr0run/job/cmd.sh \
     </dev/null >/job/stdout 2>/job/stderr
 echo $? >/job/rc.tmp && mv /job/rc.tmp /job/rc
@@ -645,8 +648,8 @@ def _boot_once(
     cmd: list[str], job: Path, console_path: Path, deadline: float
 ) -> tuple[str, float | None]:
     """Run L1 until it exits.  Returns "done", "stalled" (L2 never started the
-    command), "lockup" (L1's CPU running L2 hung) or "timeout", and the seconds it took
-    L2 to start the command."""
+    command), "lockup" (L1's CPU running L2 hung), "silent" (L2's kernel stopped
+    running: no heartbeat) or "timeout", and the seconds it took L2 to start the command."""
     start = time.monotonic()
     started: float | None = None
     checked = start
@@ -665,6 +668,8 @@ def _boot_once(
                     checked = now
                     if _l1_locked_up(console_path):
                         return "lockup", started
+                    if started is not None and _heartbeat_age(job) > HEARTBEAT_SECONDS:
+                        return "silent", started
                 time.sleep(0.05)
             return "done", started
         finally:
@@ -680,6 +685,20 @@ def _boot_once(
 # stuck, give up on the boot.
 LOCKUP_SECONDS = 120
 _LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s! \[")
+
+
+# L2 writes /job/heartbeat every 10 s while the command runs. Seen twice: a guest
+# making no progress for 13 and 25 minutes with no lockup report from either kernel.
+HEARTBEAT_SECONDS = 240
+
+
+def _heartbeat_age(job: Path) -> float:
+    try:
+        return time.time() - (job / "heartbeat").stat().st_mtime
+    except FileNotFoundError:
+        return time.time() - (job / "started").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _l1_locked_up(console_path: Path) -> bool:
@@ -749,10 +768,15 @@ def run_in_guest(
                 raise GuestTimeout(
                     f"guest run exceeded {timeout:g}s; its output so far ends: {done!r}", console
                 )
-            if outcome == "lockup":
+            if outcome in ("lockup", "silent"):
                 # The command ran part-way: not rebooted here (the time is spent); the
                 # caller may run it again from the start.
-                raise GuestError("L1 locked up running L2 (nested KVM under TCG)", console)
+                what = (
+                    "L1 locked up running L2"
+                    if outcome == "lockup"
+                    else f"L2's kernel stopped (no heartbeat for {HEARTBEAT_SECONDS} s)"
+                )
+                raise GuestError(f"{what} (nested KVM under TCG)", console)
             if outcome == "done":
                 break
         else:
