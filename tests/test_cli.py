@@ -209,28 +209,35 @@ def test_an_endless_profile_is_one_line() -> None:
     assert "not a profile" in line
 
 
-def test_environment_entries_execve_cannot_pass_are_left_out() -> None:
-    """An entry without '=' or with an empty name, and a name's second value: the rule
-    README's 'Behaving like the program' states, not an internal error."""
+@pytest.mark.parametrize("follow", [False, True], ids=["exec", "helper"])
+def test_the_environment_reaches_the_program_entry_for_entry(follow: bool) -> None:
+    """Entries only a raw execve makes (no '=', an empty name, a name given twice, bytes
+    that are no UTF-8) reach the program as they reach it run directly, in order."""
     import sys
 
     raw = (
         "import ctypes, sys\n"
         "i = sys.argv.index('--'); env, argv = sys.argv[1:i], sys.argv[i + 1:]\n"
-        "arr = lambda xs: (ctypes.c_char_p * (len(xs) + 1))(*[x.encode() for x in xs], None)\n"
-        "ctypes.CDLL(None).execve(argv[0].encode(), arr(argv), arr(env))\n"
+        "enc = lambda x: x.encode('utf-8', 'surrogateescape')\n"
+        "arr = lambda xs: (ctypes.c_char_p * (len(xs) + 1))(*[enc(x) for x in xs], None)\n"
+        "ctypes.CDLL(None).execve(enc(argv[0]), arr(argv), arr(env))\n"
     )
-    entries = ["=empty", "NOEQUALS", "A=1", "A=2", f"PYTHONPATH={_ROOT}"]
-    argv = [sys.executable, "-m", "xcr0run", *_FOLLOW, "--", "/usr/bin/env"]
-    result = subprocess.run(
-        [sys.executable, "-c", raw, *entries, "--", *argv],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
-    assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout.splitlines() == ["A=1", f"PYTHONPATH={_ROOT}"]
+    show = "import os; print(open('/proc/self/environ', 'rb').read())"
+    entries = ["=empty", "NOEQUALS", "A=1", "A=2", "B=\udcff", f"PYTHONPATH={_ROOT}", "Z="]
+    program = [sys.executable, "-c", show]
+    ours = [sys.executable, "-m", "xcr0run", *(_FOLLOW if follow else _HOST), "--"]
+    outcomes = []
+    for argv in (program, [*ours, *program]):
+        result = subprocess.run(
+            [sys.executable, "-c", raw, *entries, "--", *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd="/",
+        )
+        outcomes.append((result.returncode, result.stdout, result.stderr))
+    assert outcomes[1] == outcomes[0]
+    assert outcomes[0][0] == 0 and "NOEQUALS" in outcomes[0][1], outcomes
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="unmounts /proc in a mount namespace: needs root")

@@ -62,7 +62,7 @@ def test_only_the_native_modules_use_ctypes() -> None:
     assert users == ["_core.py", "_native.py"]
 
 
-# Runs xcr0run's entry point with os.execve and os._exit wrapped to report sys.modules
+# Runs xcr0run's entry point with its execve calls and os._exit wrapped to report sys.modules
 # first: what the launcher had imported when it became the program, or gave up.
 _LAUNCH = """
 import os, sys
@@ -77,6 +77,12 @@ def _exit(status):
     report()
     real_exit(status)
 os.execve, os._exit = execve, _exit
+import xcr0run._native as native  # the launch path needs it anyway: it execs through it
+real_native_execve = native.execve
+def native_execve(*args):
+    report()
+    real_native_execve(*args)
+native.execve = native_execve
 sys.argv[0] = "xcr0run"
 from xcr0run.__main__ import main
 main()

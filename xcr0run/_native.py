@@ -296,6 +296,16 @@ def exec_with_xcr0(
     return int(job.stage), result if job.stage != XCR0_READ_BACK else int(job.readback)
 
 
+def execve(path: bytes, argv: Sequence[bytes], envp: Sequence[bytes]) -> None:
+    """execve(2) with the environment as a list of raw entries. Returns only on failure,
+    raising OSError."""
+    c_argv = (ctypes.c_char_p * (len(argv) + 1))(*argv, None)
+    c_envp = (ctypes.c_char_p * (len(envp) + 1))(*envp, None)
+    _libc.execve(path, c_argv, c_envp)
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), os.fsdecode(path))
+
+
 # -- arch_prctl -----------------------------------------------------------------------------
 
 

@@ -21,10 +21,7 @@ if TYPE_CHECKING:
 def env_hints(plan: Plan) -> list[EnvHint]:
     from xcr0run import envhints
 
-    env = {
-        k.decode(errors="replace"): v.decode(errors="replace")
-        for k, v in procfs.original_environment().items()
-    }
+    env = envhints.as_mapping(procfs.original_environment())
     return envhints.env_hints(plan.view.hidden, plan.view.cleared, env)
 
 

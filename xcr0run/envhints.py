@@ -125,6 +125,30 @@ def _merge_list(current: str | None, ours: list[str], sep: str, key: Callable[[s
     return sep.join(mine + [item for item in ours if key(item) not in taken])
 
 
+def as_mapping(entries: list[bytes]) -> dict[str, str]:
+    """What getenv sees in a raw environment: the first value of each name."""
+    env: dict[str, str] = {}
+    for entry in entries:
+        name, sep, value = entry.partition(b"=")
+        if sep and name:
+            env.setdefault(name.decode(errors="replace"), value.decode(errors="replace"))
+    return env
+
+
+def with_values(entries: list[bytes], values: dict[bytes, bytes]) -> list[bytes]:
+    """`entries` with each name in `values` set as setenv(3) sets it: the first entry
+    of that name changed in place, or a new one at the end; the rest left as they are."""
+    out = list(entries)
+    for name, value in values.items():
+        prefix = name + b"="
+        at = next((i for i, e in enumerate(out) if e.startswith(prefix)), None)
+        if at is None:
+            out.append(prefix + value)
+        else:
+            out[at] = prefix + value
+    return out
+
+
 def env_hints(
     hidden: frozenset[str],
     cleared: Callable[[int, int], tuple[int, int, int, int]],

@@ -16,12 +16,12 @@ from xcr0run.status import ExitStatus
 
 TYPE_CHECKING = False  # typing's import costs start-up time; only mypy needs it
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping, Sequence
+    from collections.abc import Callable, Sequence
     from typing import NoReturn
 
     from xcr0run.plan import Plan
 
-    Environment = Mapping[bytes, bytes]
+    Environment = Sequence[bytes]  # raw "name=value" entries, as execve takes them
     # Runs in the helper: (program pid, attached, stderr) -> the helper's exit status. It
     # calls attached(None) once it has seized the program, or attached(why not); stderr
     # is a copy of the program's (-1 if it had none), for the helper to close when done.
@@ -229,7 +229,9 @@ def _execve_xcr0(
     path: str, argv: Sequence[str], env: Environment, plan: Plan, xcr0_prctl: int
 ) -> None:
     if not plan.set_xcr0:
-        os.execve(path, list(argv), env)
+        # Not os.execve: it takes a mapping, which cannot pass the environment on
+        # entry for entry (README, Behaving like the program).
+        _native.execve(os.fsencode(path), [os.fsencode(a) for a in argv], env)
         return
     # From ARCH_SET_XCR0 to execve no code of ours, Python's or libc's may run: libc chose
     # AVX string functions at start-up. The components being disabled must be in their
@@ -243,7 +245,7 @@ def _execve_xcr0(
         plan.view.host_xcr0,
         os.fsencode(path),
         [os.fsencode(a) for a in argv],
-        [k + b"=" + v for k, v in env.items()],
+        env,
     )
     if stage == _native.XCR0_NOT_SET:
         raise Xcr0SetupError(-result, host.set_xcr0_failure(-result, plan.mask))
@@ -265,7 +267,8 @@ def _become(
     """Dispositions, filter, XCR0, execve: the last steps of this process as xcr0run."""
     ignored = entry_ignored()
     if ignored is not None:  # the entry's record is ours, not the program's
-        env = {k: v for k, v in env.items() if k != ENTRY_RECORD.encode()}
+        record = ENTRY_RECORD.encode() + b"="
+        env = [entry for entry in env if not entry.startswith(record)]
     try:
         _prepare_image(guard, ignored)
     except OSError as err:

@@ -89,23 +89,17 @@ class _Reading:
 # -- this process -------------------------------------------------------------------------
 
 
-def original_environment() -> dict[bytes, bytes]:
-    """The environment this process started with. Python itself may have changed
-    os.environ (locale coercion sets LC_CTYPE); the program must get it untouched."""
+def original_environment() -> list[bytes]:
+    """The environment this process started with, entry for entry as execve received
+    it: Python itself may have changed os.environ (locale coercion sets LC_CTYPE), and
+    a mapping would lose what only a raw execve makes (an entry without "=", an empty
+    name, a name given twice); the program must get it untouched."""
     try:
         with open("/proc/self/environ", "rb") as f:
             block = f.read()
     except OSError:  # /proc not mounted: the nearest we know
-        return {os.fsencode(k): os.fsencode(v) for k, v in os.environ.items() if k}
-    env: dict[bytes, bytes] = {}
-    for item in block.split(b"\0"):
-        # What execve with a mapping can pass (README, Behaving like the program): an
-        # entry without "=" or with an empty name is left out, and of a name given
-        # twice the first value is kept, the one getenv finds.
-        name, sep, value = item.partition(b"=")
-        if sep and name:
-            env.setdefault(name, value)
-    return env
+        return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()]
+    return block.split(b"\0")[:-1] if block else []
 
 
 def open_descriptors() -> list[int]:

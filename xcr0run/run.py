@@ -71,7 +71,7 @@ class RunRequest:
         argv: Sequence[str],
         plan: Plan,
         xcr0_prctl: int,
-        env: dict[bytes, bytes],
+        env: list[bytes],
         described: dict[str, Any],  # the plan as --report and the banner show it
         checks: AuditChoice,
         quiet: bool,
