@@ -210,6 +210,7 @@ def run_marked_in_guest(
     root = Path(__file__).parent.parent
     last: Exception | None = None
     timeouts: list[str] = []
+    failed: list[str] = []  # the guest's failures, kept in the log with the timeouts
     for _ in range(3):
         try:
             result = guest.run_in_guest(
@@ -231,8 +232,10 @@ def run_marked_in_guest(
             print(f"guest run timed out, running it once more: {err}", file=sys.stderr)
         except guest.GuestError as err:
             last = err
+            failed.append(str(err))
+            print(f"guest run failed, booting again: {err}", file=sys.stderr)
     else:
-        pytest.fail(f"the guest did not boot three times: {last}")
-    record = "".join(f"[an earlier attempt: {t}]\n" for t in timeouts)
+        pytest.fail(f"the guest failed three times; the last: {last}")
+    record = "".join(f"[an earlier attempt: {t}]\n" for t in (*timeouts, *failed))
     log.write_text(record + result.stdout + result.stderr)
     return result, "\n".join((result.stdout + result.stderr).splitlines()[-60:])
