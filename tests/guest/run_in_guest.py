@@ -235,12 +235,14 @@ class GuestResult:
 
 
 class GuestError(RuntimeError):
-    """The guest itself failed (did not boot, crashed, timed out)."""
+    """The guest itself failed (did not boot, crashed, timed out). `output` is what the
+    command had written to its stdout by then, for a caller that resumes where it was."""
 
-    def __init__(self, message: str, console: str = "") -> None:
+    def __init__(self, message: str, console: str = "", output: str = "") -> None:
         tail = "\n".join(console.splitlines()[-40:])
         super().__init__(f"{message}\n--- console tail ---\n{tail}" if tail else message)
         self.console = console
+        self.output = output
 
 
 class GuestTimeout(GuestError):
@@ -689,7 +691,7 @@ _LOCKUP = re.compile(rb"soft lockup - CPU#\d+ stuck for (\d+)s! \[")
 
 # L2 writes /job/heartbeat every 10 s while the command runs. Seen twice: a guest
 # making no progress for 13 and 25 minutes with no lockup report from either kernel.
-HEARTBEAT_SECONDS = 240
+HEARTBEAT_SECONDS = 150  # a busy but healthy L2 was seen at most 13 s late
 
 
 def _heartbeat_age(job: Path) -> float:
@@ -763,10 +765,13 @@ def run_in_guest(
                 f"{_read(console_path)}--- L2 console ---\n{_read(job / 'l2-console.log')}"
             )
             console = "\n=== next boot ===\n".join(consoles)
+            output = _read(job / "stdout")
             if outcome == "timeout":
-                done = _read(job / "stdout")[-300:].strip()
+                done = output[-300:].strip()
                 raise GuestTimeout(
-                    f"guest run exceeded {timeout:g}s; its output so far ends: {done!r}", console
+                    f"guest run exceeded {timeout:g}s; its output so far ends: {done!r}",
+                    console,
+                    output,
                 )
             if outcome in ("lockup", "silent"):
                 # The command ran part-way: not rebooted here (the time is spent); the
@@ -776,14 +781,14 @@ def run_in_guest(
                     if outcome == "lockup"
                     else f"L2's kernel stopped (no heartbeat for {HEARTBEAT_SECONDS} s)"
                 )
-                raise GuestError(f"{what} (nested KVM under TCG)", console)
+                raise GuestError(f"{what} (nested KVM under TCG)", console, output)
             if outcome == "done":
                 break
         else:
             raise GuestError(f"L2 did not start in {BOOT_ATTEMPTS} boots", console)
         rc_file = job / "rc"
         if not rc_file.is_file():
-            raise GuestError("guest ended without the command's exit status", console)
+            raise GuestError("guest ended without the command's exit status", console, output)
         return GuestResult(
             returncode=int(rc_file.read_text().strip()),
             stdout=_read(job / "stdout"),
