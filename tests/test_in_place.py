@@ -97,19 +97,34 @@ def test_signals_sent_to_the_pid_are_the_programs(sig: int) -> None:
     assert results[1] == results[0]
 
 
+def _wait_stopped(pid: int, timeout: float = 30.0) -> int:
+    """waitpid(WUNTRACED), bounded: a stop that never comes fails the test, not the run."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got, status = os.waitpid(pid, os.WUNTRACED | os.WNOHANG)
+        if got:
+            return status
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    raise AssertionError(f"process {pid} did not stop in {timeout:g} s")
+
+
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGTSTP])
 def test_a_stopped_program_is_stopped_for_its_parent(sig: int) -> None:
     for prefix in ([], UNDER):
+        # A process group of its own, as a shell gives a job: in an orphaned group (the
+        # test run's own may be one, under setsid) the kernel discards SIGTSTP.
         proc = subprocess.Popen(
             [*prefix, "sh", "-c", "echo ready; read x; echo done"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
+            process_group=0,
         )
         assert proc.stdout is not None and proc.stdin is not None
         assert proc.stdout.readline() == "ready\n"
         os.kill(proc.pid, sig)
-        _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        status = _wait_stopped(proc.pid)
         assert os.WIFSTOPPED(status) and os.WSTOPSIG(status) == sig
         os.kill(proc.pid, signal.SIGCONT)
         proc.stdin.write("\n")
