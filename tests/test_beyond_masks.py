@@ -283,10 +283,12 @@ def test_bad_profiles_are_one_line(tmp_path) -> None:
 def test_hints_join_a_raw_environment_as_setenv_would() -> None:
     """The first entry of a name is the one getenv reads and setenv changes; entries a
     mapping cannot hold stay where they are."""
-    raw = [b"NOEQUALS", b"=x", b"A=1", b"GLIBC_TUNABLES=a=1", b"A=2", b"\xff=\xfe"]
-    assert envhints.as_mapping(raw) == {"A": "1", "GLIBC_TUNABLES": "a=1", "\ufffd": "\ufffd"}
-    out = envhints.with_values(raw, {b"GLIBC_TUNABLES": b"a=1:b=2", b"NEW": b"v"})
+    raw = [b"NOEQUALS", b"=x", b"A=1", b"GLIBC_TUNABLES=a=\xff", b"A=2", b"\xff=\xfe"]
+    env = envhints.as_mapping(raw)
+    assert env == {"A": "1", "GLIBC_TUNABLES": "a=\udcff", "\udcff": "\udcfe"}
+    merged = env["GLIBC_TUNABLES"] + ":b=2"  # a merge keeps the user's bytes
+    out = envhints.with_values(raw, {"GLIBC_TUNABLES": merged, "NEW": "v"})
     assert out == [
-        b"NOEQUALS", b"=x", b"A=1", b"GLIBC_TUNABLES=a=1:b=2", b"A=2", b"\xff=\xfe", b"NEW=v"
+        b"NOEQUALS", b"=x", b"A=1", b"GLIBC_TUNABLES=a=\xff:b=2", b"A=2", b"\xff=\xfe", b"NEW=v"
     ]  # fmt: skip
-    assert raw[3] == b"GLIBC_TUNABLES=a=1"  # not changed in place
+    assert raw[3] == b"GLIBC_TUNABLES=a=\xff"  # not changed in place

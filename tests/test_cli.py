@@ -222,8 +222,20 @@ def test_the_environment_reaches_the_program_entry_for_entry(follow: bool) -> No
         "arr = lambda xs: (ctypes.c_char_p * (len(xs) + 1))(*[enc(x) for x in xs], None)\n"
         "ctypes.CDLL(None).execve(enc(argv[0]), arr(argv), arr(env))\n"
     )
-    show = "import os; print(open('/proc/self/environ', 'rb').read())"
+    # The block the kernel keeps, and libc's environ array: glibc's loader rewrites
+    # GLIBC_TUNABLES in the block (a NUL for each ':'), so only the array tells a
+    # variable received whole from one received cut into pieces.
+    show = (
+        "import ctypes\n"
+        "print(open('/proc/self/environ', 'rb').read())\n"
+        "a, i = ctypes.POINTER(ctypes.c_char_p).in_dll(ctypes.CDLL(None), 'environ'), 0\n"
+        "while a[i] is not None:\n"
+        "    print(a[i])\n"
+        "    i += 1\n"
+    )
     entries = ["=empty", "NOEQUALS", "A=1", "A=2", "B=\udcff", f"PYTHONPATH={_ROOT}", "Z="]
+    entries += ["GLIBC_TUNABLES=glibc.malloc.check=0:glibc.malloc.tcache_count=5:junk"]
+    entries += ["GLIBC_TUNABLES=glibc.malloc.check=0:", "C=3"]
     program = [sys.executable, "-c", show]
     ours = [sys.executable, "-m", "xcr0run", *(_FOLLOW if follow else _HOST), "--"]
     outcomes = []

@@ -296,6 +296,15 @@ def exec_with_xcr0(
     return int(job.stage), result if job.stage != XCR0_READ_BACK else int(job.readback)
 
 
+def environ_entries() -> list[bytes]:
+    """libc's environ array as it is now (a copy of each entry's bytes)."""
+    array = ctypes.POINTER(ctypes.c_char_p).in_dll(_libc, "environ")
+    entries: list[bytes] = []
+    while array[len(entries)] is not None:
+        entries.append(array[len(entries)])
+    return entries
+
+
 def execve(path: bytes, argv: Sequence[bytes], envp: Sequence[bytes]) -> None:
     """execve(2) with the environment as a list of raw entries. Returns only on failure,
     raising OSError."""

@@ -261,7 +261,7 @@ def _run(wanted: Wanted, method: str, code: int, line: CommandLine) -> NoReturn:
     if hints:
         from xcr0run import envhints
 
-        env = envhints.with_values(env, {h.name.encode(): h.value.encode() for h in hints})
+        env = envhints.with_values(env, {h.name: h.value for h in hints})
     described: dict[str, Any] = {}  # only the banner and --report say it: worked out for them
     if not line.quiet or line.report:
         from xcr0run import describe

@@ -126,26 +126,31 @@ def _merge_list(current: str | None, ours: list[str], sep: str, key: Callable[[s
 
 
 def as_mapping(entries: list[bytes]) -> dict[str, str]:
-    """What getenv sees in a raw environment: the first value of each name."""
+    """What getenv sees in a raw environment: the first value of each name (bytes that
+    are no UTF-8 kept as surrogates, as os.environ keeps them, so they survive a merge)."""
     env: dict[str, str] = {}
     for entry in entries:
         name, sep, value = entry.partition(b"=")
         if sep and name:
-            env.setdefault(name.decode(errors="replace"), value.decode(errors="replace"))
+            env.setdefault(
+                name.decode(errors="surrogateescape"), value.decode(errors="surrogateescape")
+            )
     return env
 
 
-def with_values(entries: list[bytes], values: dict[bytes, bytes]) -> list[bytes]:
+def with_values(entries: list[bytes], values: dict[str, str]) -> list[bytes]:
     """`entries` with each name in `values` set as setenv(3) sets it: the first entry
-    of that name changed in place, or a new one at the end; the rest left as they are."""
+    of that name changed in place, or a new one at the end; the rest left as they are.
+    Surrogates (from as_mapping) go back to the bytes they stood for."""
     out = list(entries)
     for name, value in values.items():
-        prefix = name + b"="
+        prefix = name.encode(errors="surrogateescape") + b"="
+        entry = prefix + value.encode(errors="surrogateescape")
         at = next((i for i, e in enumerate(out) if e.startswith(prefix)), None)
         if at is None:
-            out.append(prefix + value)
+            out.append(entry)
         else:
-            out[at] = prefix + value
+            out[at] = entry
     return out
 
 

@@ -99,7 +99,38 @@ def original_environment() -> list[bytes]:
             block = f.read()
     except OSError:  # /proc not mounted: the nearest we know
         return [os.fsencode(k) + b"=" + os.fsencode(v) for k, v in os.environ.items()]
+    if _TUNABLES in block:
+        return _mended(block)
     return block.split(b"\0")[:-1] if block else []
+
+
+_TUNABLES = b"GLIBC_TUNABLES="
+
+
+def _mended(block: bytes) -> list[bytes]:
+    """The environment block with each GLIBC_TUNABLES entry whole again. glibc's loader
+    (2.36 here) parses that variable in place, writing a NUL over every ':' of it in
+    the block /proc shows, and points environ at an intact copy; the copy says where
+    the entry really ends."""
+    from xcr0run import _native
+
+    intact = [e for e in _native.environ_entries() if e.startswith(_TUNABLES)]
+    entries: list[bytes] = []
+    pos = 0
+    while pos < len(block):
+        end = block.find(b"\0", pos)
+        end = len(block) if end < 0 else end
+        entry = block[pos:end]
+        if entry.startswith(_TUNABLES) and intact:
+            whole = intact[0]
+            if block[pos : pos + len(whole)].replace(b"\0", b":") == whole:
+                intact.pop(0)
+                entries.append(whole)
+                pos += len(whole) + 1
+                continue
+        entries.append(entry)
+        pos = end + 1
+    return entries
 
 
 def open_descriptors() -> list[int]:
